@@ -1,0 +1,83 @@
+"""The `slm` command: pop the stage word and hand the rest of the line to that stage's own `@hydra.main`.
+
+Keeping each stage's Hydra entry point intact keeps Hydra's whole grammar working
+(`key=value`, `group=option`, `-m` sweeps, `--cfg job`, `--help`, `hydra.run.dir=`).
+Nothing here imports torch: `slm`, `--help` and `--cfg job` answer instantly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+from slm_cli.paths import RECIPE_DIR
+
+# stage word -> (module with a hydra `main`, or None while not yet available; what it does)
+STAGES: dict[str, tuple[str | None, str]] = {
+    "teacher": ("slm_cli.stages.teacher", "Fine-tune the teacher on the task (SFT, DeepSpeed)"),
+    "student": ("slm_cli.stages.student", "Build a small student (config, pretrained or teacher layers) and fine-tune it"),
+    "distill": (None, "Logit and on-policy distillation from a teacher"),
+    "prune": (None, "Structured pruning of heads, MLP neurons and layers (OSSCAR)"),
+    "quantize": (None, "FP8 checkpoints in the compressed-tensors format vLLM reads"),
+    "eval": (None, "Perplexity, exact match and AUC of any artifact"),
+    "bench": (None, "Latency, throughput and memory of artifacts"),
+    "run": (None, "Run a multi-stage pipeline recipe"),
+}
+
+
+def _first_comment(path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def print_overview() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    stages = Table(title="slm stages", title_justify="left")
+    stages.add_column("stage", style="bold cyan")
+    stages.add_column("what it does")
+    stages.add_column("status")
+    for name, (module, what) in STAGES.items():
+        stages.add_row(name, what, "ready" if module else "[dim]not yet available[/dim]")
+    console.print(stages)
+    recipes = Table(title="shipped recipes (recipes/)", title_justify="left")
+    recipes.add_column("recipe", style="bold green")
+    recipes.add_column("description")
+    for path in sorted(RECIPE_DIR.rglob("*.yaml")) if RECIPE_DIR.exists() else []:
+        recipes.add_row(str(path.relative_to(RECIPE_DIR).with_suffix("")), _first_comment(path))
+    console.print(recipes)
+    console.print("usage: slm <stage> [key=value ...] [-m] [--cfg job] [--help]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_overview()
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        close = difflib.get_close_matches(stage, list(STAGES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"slm: unknown stage '{stage}'.{hint} Stages: {', '.join(STAGES)}.", file=sys.stderr)
+        return 2
+    module, _ = STAGES[stage]
+    if module is None:
+        print(
+            f"slm: stage '{stage}' is not yet available in this version of slm. "
+            f"Available now: {', '.join(s for s, (m, _) in STAGES.items() if m)}.",
+            file=sys.stderr,
+        )
+        return 2
+    # Hydra reads sys.argv itself; give it exactly the stage's part of the line.
+    sys.argv = [f"slm-{stage}", *rest]
+    importlib.import_module(module).main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The artifact folder contract: stages hand off only through these folders.
+
+An artifact is a standard Hugging Face checkpoint plus `slm.json`:
+  stage, resolved config, parents (path + content hash), metrics, package versions.
+It appears only complete: a stage writes into `<output_dir>.work/staging` and renames it to
+`output_dir` as its very last step, so a killed run never leaves a folder a later stage would
+accept. Work files (checkpoints for resume, live metrics) live in `<output_dir>.work/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from slm_cli import __version__
+from slm_cli.errors import SlmError
+
+METADATA_FILE = "slm.json"
+# Files that define a checkpoint's content; logs and metrics do not change what a model is.
+_HASHED_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja")
+_HASH_EXCLUDE = {METADATA_FILE, "metrics.jsonl", "eval.json"}
+PACKAGES = ("torch", "transformers", "deepspeed", "peft", "hydra-core", "compressed-tensors", "safetensors")
+
+
+def work_dir(output_dir: str | Path) -> Path:
+    out = Path(output_dir)
+    return out.with_name(out.name + ".work")
+
+
+def staging_dir(output_dir: str | Path) -> Path:
+    return work_dir(output_dir) / "staging"
+
+
+def begin(output_dir: str | Path, overwrite: bool) -> Path:
+    """Check the output is free and return an empty staging folder to write the artifact into."""
+    out = Path(output_dir)
+    if out.exists() and not overwrite:
+        raise SlmError(f"output_dir {out} already exists. Choose another output_dir=..., or pass overwrite=true.")
+    stage = staging_dir(out)
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def commit(staging: Path, output_dir: str | Path, overwrite: bool, keep_work: bool = False) -> Path:
+    """Atomically publish `staging` as `output_dir` (replacing the old one only when `overwrite`)."""
+    out = Path(output_dir)
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise SlmError(f"output_dir {out} appeared while this run was working; the new artifact is kept in {staging}.")
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(work_dir(out), ignore_errors=True)
+    return out
+
+
+def content_hash(folder: str | Path) -> str:
+    """sha256 over the files that define a checkpoint (weights, configs, tokenizer), names included."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name in _HASH_EXCLUDE or not path.name.endswith(_HASHED_SUFFIXES):
+            continue
+        h.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"slm": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def parent(role: str, path: str | Path) -> dict[str, Any]:
+    """A lineage entry for an input artifact (its slm stage, if it has one, and content hash)."""
+    path = Path(path)
+    entry: dict[str, Any] = {"role": role, "path": str(path.resolve())}
+    if path.is_dir():
+        entry["hash"] = content_hash(path)
+        meta = read_metadata(path, missing_ok=True)
+        if meta:
+            entry["stage"] = meta.get("stage")
+    return entry
+
+
+def write_metadata(folder: Path, *, stage: str, config: dict, parents: list[dict], metrics: dict, extra: dict | None = None):
+    meta = {
+        "slm_version": __version__,
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "parents": parents,
+        "metrics": metrics,
+        "versions": versions(),
+        "content_hash": content_hash(folder),
+    }
+    if extra:
+        meta.update(extra)
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return meta
+
+
+def read_metadata(folder: str | Path, missing_ok: bool = False) -> dict | None:
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise SlmError(f"{folder} has no {METADATA_FILE}: it was not written by an slm stage.")
+    return json.loads(path.read_text())

@@ -1,0 +1,297 @@
+"""Typed schemas for every stage's config.
+
+Each field carries one docstring-style comment (shown by `slm <stage> --help`
+through the YAML files, and by `describe()` here). The schemas are plain
+dataclasses so that validating a config imports nothing heavier than the
+standard library: `slm teacher --cfg job` and config errors stay instant.
+
+Why we validate ourselves instead of composing against the structured config:
+OmegaConf stops at the *first* type error it meets while merging. Users who
+edit a 40-line override want every problem at once, so Hydra composes the
+plain YAML and `validate()` (see validate.py) walks these dataclasses,
+collecting unknown keys (with a did-you-mean), wrong types and impossible
+values into one error before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+PRECISIONS = ("fp32", "bf16")
+OFFLOAD = ("none", "cpu")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+ARCHS = ("llama", "qwen3", "qwen2", "mistral")
+STUDENT_INITS = ("config", "pretrained", "teacher_layers")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _problems_if(cond: bool, msg: str, out: list[str]) -> None:
+    if cond:
+        out.append(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: a local Hugging Face folder / hub id, or a tiny model built from these fields."""
+
+    name_or_path: Optional[str] = None  # local HF folder or hub id; null = build from `arch` and the sizes below
+    arch: Optional[str] = None  # architecture for a model built from config: llama | qwen3 | qwen2 | mistral
+    hidden_size: int = 64  # width of the residual stream (built models)
+    intermediate_size: int = 128  # MLP width (built models)
+    num_hidden_layers: int = 2  # decoder layers (built models)
+    num_attention_heads: int = 4  # query heads (built models)
+    num_key_value_heads: int = 2  # KV heads, GQA when < num_attention_heads (built models)
+    head_dim: Optional[int] = None  # per-head width; null = hidden_size / num_attention_heads
+    max_position_embeddings: int = 1024  # longest sequence the built model supports
+    tie_word_embeddings: bool = True  # share input embedding and lm_head (built models)
+    tokenizer: Optional[str] = None  # tokenizer folder; null = the model's own, or one trained on the run's data
+    tokenizer_vocab_size: int = 512  # vocabulary size when a BPE tokenizer is trained on the data
+    dtype: str = "float32"  # dtype the weights are loaded in: float32 | bfloat16 | float16
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(
+            self.name_or_path is None and self.arch is None,
+            f"{where}: set either name_or_path (a model folder or hub id) or arch (one of {', '.join(ARCHS)}) "
+            "to build a model from config, e.g. model=tiny-llama",
+            out,
+        )
+        _problems_if(
+            self.arch is not None and self.arch not in ARCHS,
+            f"{where}.arch={self.arch!r} is not supported; choose one of {', '.join(ARCHS)}",
+            out,
+        )
+        _problems_if(self.dtype not in DTYPES, f"{where}.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
+        if self.num_key_value_heads >= 1:
+            _problems_if(
+                self.num_attention_heads % self.num_key_value_heads != 0,
+                f"{where}: num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}",
+                out,
+            )
+        if self.head_dim is None and self.num_attention_heads >= 1:
+            _problems_if(
+                self.hidden_size % self.num_attention_heads != 0,
+                f"{where}: hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; set {where}.head_dim explicitly",
+                out,
+            )
+        _problems_if(self.tokenizer_vocab_size < 64, f"{where}.tokenizer_vocab_size must be >= 64", out)
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Training data: a built-in task or corpus name, a .jsonl file, or a datasets folder."""
+
+    source: str = "arithmetic"  # built-in name (see `slm`), path/to/data.jsonl, or a datasets.save_to_disk folder
+    train_size: Optional[int] = 2000  # examples generated for built-in tasks (null = all of a user file)
+    val_size: Optional[int] = 200  # validation examples for built-in tasks
+    test_size: Optional[int] = 200  # held-out test examples for built-in tasks
+    val_fraction: float = 0.05  # share of a user file kept for validation
+    max_seq_len: int = 128  # longer examples are truncated (and counted); ones left with no target are dropped
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.source, f"{where}.source is empty: name a built-in task or a data file", out)
+        _problems_if(not 0.0 <= self.val_fraction < 1.0, f"{where}.val_fraction={self.val_fraction} must be in [0, 1)", out)
+        _problems_if(self.max_seq_len < 8, f"{where}.max_seq_len={self.max_seq_len} must be >= 8", out)
+        for name in ("train_size", "val_size", "test_size"):
+            v = getattr(self, name)
+            _problems_if(v is not None and v < 1, f"{where}.{name}={v} must be >= 1 or null", out)
+        return out
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through PEFT instead of full fine-tuning."""
+
+    enabled: bool = False  # train LoRA adapters instead of all weights
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
+    merge: bool = True  # merge adapters into the base weights in the saved artifact (else save base + adapter)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(self.r < 1, f"{where}.r={self.r} must be >= 1", out)
+        _problems_if(not 0.0 <= self.dropout < 1.0, f"{where}.dropout={self.dropout} must be in [0, 1)", out)
+        _problems_if(self.enabled and not self.target_modules, f"{where}.target_modules is empty", out)
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by teacher, student and distill."""
+
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 8  # sequences per forward pass per process
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 5  # linear warm-up steps
+    lr_schedule: str = "cosine"  # after warm-up: cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast through DeepSpeed)
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    eval_every: int = 50  # validation loss every N steps (0 = only at the end)
+    eval_batches: int = 8  # micro-batches of validation data per evaluation
+    save_every: int = 0  # DeepSpeed checkpoint every N steps for resume (0 = none)
+    log_every: int = 1  # metrics.jsonl row every N steps
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
+            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            _problems_if(getattr(self, name) < 0, f"{where}.{name}={getattr(self, name)} must be >= 0", out)
+        _problems_if(self.lr <= 0, f"{where}.lr={self.lr} must be > 0", out)
+        _problems_if(self.weight_decay < 0, f"{where}.weight_decay={self.weight_decay} must be >= 0", out)
+        _problems_if(self.max_grad_norm < 0, f"{where}.max_grad_norm={self.max_grad_norm} must be >= 0", out)
+        _problems_if(
+            self.lr_schedule not in LR_SCHEDULES,
+            f"{where}.lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}",
+            out,
+        )
+        _problems_if(not 0.0 <= self.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]", out)
+        _problems_if(
+            self.precision not in PRECISIONS, f"{where}.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}", out
+        )
+        out += self.lora.problems(f"{where}.lora")
+        return out
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed shards and offloads training state."""
+
+    zero_stage: int = 0  # ZeRO stage 0-3 (0 = plain data parallel)
+    offload_optimizer: str = "none"  # none | cpu: keep optimizer state in CPU memory (ZeRO >= 1, DeepSpeedCPUAdam)
+    offload_param: str = "none"  # none | cpu: keep parameters in CPU memory (ZeRO-3 only)
+    config_file: Optional[str] = None  # your own DeepSpeed JSON; slm fills only the keys it leaves unset
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(self.zero_stage not in (0, 1, 2, 3), f"{where}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3", out)
+        for name in ("offload_optimizer", "offload_param"):
+            v = getattr(self, name)
+            _problems_if(v not in OFFLOAD, f"{where}.{name}={v!r}: choose none or cpu", out)
+        _problems_if(
+            self.offload_optimizer == "cpu" and self.zero_stage == 0,
+            f"{where}.offload_optimizer=cpu needs zero_stage >= 1 (got 0); set {where}.zero_stage=2",
+            out,
+        )
+        _problems_if(
+            self.offload_param == "cpu" and self.zero_stage != 3,
+            f"{where}.offload_param=cpu needs zero_stage=3 (got {self.zero_stage})",
+            out,
+        )
+        return out
+
+
+@dataclass
+class LauncherConfig:
+    """How many processes run the stage."""
+
+    nproc_per_node: int = 1  # processes on this machine; > 1 re-executes the command under the `deepspeed` launcher
+    hostfile: Optional[str] = None  # DeepSpeed hostfile for multi-node runs
+    master_port: Optional[int] = None  # rendezvous port (null = a free one)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(self.nproc_per_node < 1, f"{where}.nproc_per_node={self.nproc_per_node} must be >= 1", out)
+        return out
+
+
+@dataclass
+class TeacherRef:
+    """The teacher artifact a student or distill stage reads."""
+
+    path: Optional[str] = None  # folder written by `slm teacher` (or any HF causal-LM folder)
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
+@dataclass
+class StudentInit:
+    """How the student's weights start."""
+
+    init: str = "config"  # config: fresh model from `model=` | pretrained: model.name_or_path | teacher_layers: copy layers
+    layers: Optional[list[int]] = None  # teacher layer indices kept for init=teacher_layers, e.g. [0, 2]
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(
+            self.init not in STUDENT_INITS, f"{where}.init={self.init!r}: choose one of {', '.join(STUDENT_INITS)}", out
+        )
+        _problems_if(
+            self.init == "teacher_layers" and not self.layers,
+            f"{where}.layers must list the teacher layers to keep when init=teacher_layers, e.g. {where}.layers=[0,2]",
+            out,
+        )
+        return out
+
+
+@dataclass
+class TrainStageConfig:
+    """Fields every training stage has."""
+
+    stage: str = "teacher"  # which stage this config drives (set by the stage's YAML)
+    seed: int = 0  # makes data order, init and sampling repeatable
+    output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
+    overwrite: bool = False  # replace an existing output_dir
+    resume: bool = False  # continue from the last checkpoint in <output_dir>.work/checkpoints
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    def problems(self, where: str = "") -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.output_dir, "output_dir is empty", out)
+        for name in ("model", "data", "train", "deepspeed", "launcher"):
+            out += getattr(self, name).problems(name)
+        return out
+
+
+@dataclass
+class TeacherStageConfig(TrainStageConfig):
+    """`slm teacher`: supervised fine-tuning of the teacher on the task."""
+
+
+@dataclass
+class StudentStageConfig(TrainStageConfig):
+    """`slm student`: initialise a small student (fresh, pretrained or teacher layers) and fine-tune it."""
+
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    student: StudentInit = field(default_factory=StudentInit)
+
+    def problems(self, where: str = "") -> list[str]:
+        out = super().problems(where)
+        out += self.student.problems("student")
+        _problems_if(
+            self.student.init == "teacher_layers" and not self.teacher.path,
+            "student.init=teacher_layers needs teacher.path=<teacher artifact folder>",
+            out,
+        )
+        _problems_if(
+            self.student.init == "pretrained" and not self.model.name_or_path,
+            "student.init=pretrained needs model.name_or_path=<smaller model folder or hub id>",
+            out,
+        )
+        return out
+
+
+STAGE_SCHEMAS = {
+    "teacher": TeacherStageConfig,
+    "student": StudentStageConfig,
+}

@@ -1,0 +1,299 @@
+"""The one training loop, over the DeepSpeed engine, for the teacher, student and distill stages.
+
+Loss normalisation. A step accumulates `grad_accum` micro-batches on each of `world` ranks.
+The loss of a step is (sum of per-token losses over every target token of the step) /
+(number of those tokens), the same value one big batch of the same tokens would give.
+Each micro-batch therefore contributes `sum_i / total_tokens`; DeepSpeed divides what we
+pass to `backward` by `grad_accum` and averages gradients over ranks, so we hand it
+`sum_i / total_tokens * grad_accum * world`.
+
+Data order is a pure function of (seed, step): micro-batch k of the run is slice k of a
+seeded permutation of the epoch, so resuming at step s needs no loader state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slm_cli.engine import distributed as dist
+from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config
+from slm_cli.errors import SlmError
+
+LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
+# Test-only fault injection: SIGKILL this process right after the checkpoint of step N is saved.
+CRASH_ENV = "SLM_TEST_CRASH_AFTER_STEP"
+
+
+def sft_loss(engine, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Summed next-token cross-entropy over target tokens (labels != -100)."""
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss_sum, {"ce": loss_sum.detach()}
+
+
+def target_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def lr_lambda(tcfg) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine / linear decay to `min_lr_ratio`, or constant."""
+
+    def factor(step: int) -> float:
+        if step < tcfg.warmup_steps:
+            return (step + 1) / (tcfg.warmup_steps + 1)
+        span = max(1, tcfg.max_steps - tcfg.warmup_steps)
+        progress = min(1.0, (step - tcfg.warmup_steps) / span)
+        lo = tcfg.min_lr_ratio
+        if tcfg.lr_schedule == "cosine":
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+        if tcfg.lr_schedule == "linear":
+            return lo + (1 - lo) * (1 - progress)
+        return 1.0
+
+    return factor
+
+
+class MicroBatches:
+    """Deterministic, resumable micro-batches: micro-batch k is a pure function of (seed, k)."""
+
+    def __init__(self, dataset: list, micro_batch_size: int, seed: int, collate: Callable):
+        self.dataset, self.mb, self.seed, self.collate = dataset, micro_batch_size, seed, collate
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.per_epoch = len(dataset) // (micro_batch_size * self.world)
+        if self.per_epoch == 0:
+            raise SlmError(
+                f"the training set has {len(dataset)} examples, fewer than one batch "
+                f"(train.micro_batch_size={micro_batch_size} x {self.world} process(es)); add data or lower the batch size."
+            )
+        self._perm_epoch, self._perm = -1, None
+
+    def __call__(self, k: int) -> dict:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.dataset), generator=g), epoch
+        start = (j * self.world + self.rank) * self.mb
+        return self.collate([self.dataset[int(i)] for i in self._perm[start : start + self.mb]])
+
+
+@dataclass
+class LoopResult:
+    engine: Any
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(engine, dataset: list, collate: Callable, micro_batch_size: int, max_batches: int, loss_fn: LossFn) -> float:
+    """Per-token loss over the first `max_batches` micro-batches of `dataset`, sharded over ranks."""
+    was_training = engine.module.training
+    engine.eval()
+    rank, world = dist.rank(), dist.world_size()
+    total = torch.zeros(2, dtype=torch.float64)
+    n_batches = min(max_batches, math.ceil(len(dataset) / micro_batch_size))
+    for b in range(rank, n_batches + (-n_batches % world), world):
+        # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
+        idx = range(b * micro_batch_size, min((b + 1) * micro_batch_size, len(dataset)))
+        batch = _to_device(collate([dataset[i] for i in (idx if b < n_batches else range(micro_batch_size))]), engine.device)
+        loss_sum, _ = loss_fn(engine, batch)
+        if b < n_batches:
+            total += torch.tensor([float(loss_sum), target_tokens(batch)], dtype=torch.float64)
+    dist.all_reduce_sum(total)
+    if was_training:
+        engine.train()
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def initialize(model: torch.nn.Module, tcfg, dcfg):
+    """Wrap `model` in a DeepSpeed engine configured from the `train` and `deepspeed` groups."""
+    import deepspeed
+
+    dist.setup_env()
+    if tcfg.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.use_cache = False
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ds_config = build_ds_config(tcfg, dcfg, dist.world_size())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=tcfg.weight_decay)
+    schedule = lr_lambda(tcfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    return engine, ds_config
+
+
+def train(
+    engine,
+    *,
+    train_set: list,
+    val_set: list,
+    collate: Callable,
+    tcfg,
+    seed: int,
+    work_dir: Path,
+    resume: bool,
+    loss_fn: LossFn = sft_loss,
+    description: str = "train",
+    progress=None,
+) -> LoopResult:
+    """Run `tcfg.max_steps` optimizer steps; checkpoint, evaluate and log as configured."""
+    ckpt_dir = Path(work_dir) / "checkpoints"
+    metrics_path = Path(work_dir) / "metrics.jsonl"
+    batches = MicroBatches(train_set, tcfg.micro_batch_size, seed, collate)
+    world, ga = dist.world_size(), tcfg.grad_accum
+    start_step = 0
+    if resume:
+        if not (ckpt_dir / "latest").is_file():
+            raise SlmError(f"resume=true but there is no checkpoint in {ckpt_dir}; run without resume=true to start afresh.")
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start_step = int(client["step"])
+        _set_rng_state(client["rng"])
+    elif dist.is_main():
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+
+    history: list[dict] = []
+    interrupted = {"signal": None}
+
+    def _on_signal(signum, _frame):  # finish the current step, checkpoint, exit cleanly
+        interrupted["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    engine.train()
+    task = progress.add_task(description, total=tcfg.max_steps, completed=start_step, loss="-", lr="-", tps="-") if progress else None
+    t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    val_loss = float("nan")
+    try:
+        for step in range(start_step, tcfg.max_steps):
+            t0 = time.perf_counter()
+            micro = [_to_device(batches(step * ga + j), engine.device) for j in range(ga)]
+            n_target = dist.all_reduce_sum(torch.tensor(float(sum(target_tokens(b) for b in micro))))
+            n_target = max(float(n_target), 1.0)
+            step_sum = torch.zeros(1, dtype=torch.float64)
+            parts_sum: dict[str, float] = {}
+            for batch in micro:
+                loss_sum, parts = loss_fn(engine, batch)
+                engine.backward(loss_sum / n_target * ga * world)
+                engine.step()
+                step_sum += float(loss_sum.detach())
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+            dist.all_reduce_sum(step_sum)
+            step_tokens = int(dist.all_reduce_sum(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)))))
+            tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            lr = engine.get_lr()[0]
+            last = {
+                "step": step + 1,
+                "loss": float(step_sum) / n_target,
+                "lr": lr,
+                "grad_norm": _grad_norm(engine),
+                "tokens": step_tokens,
+                "tokens_per_s": step_tokens / dt if dt > 0 else 0.0,
+                "elapsed_s": time.perf_counter() - t_start,
+            }
+            for k, v in parts_sum.items():
+                if k != "ce" or len(parts_sum) > 1:
+                    last[f"{k}_loss"] = _reduce_float(v) / n_target
+            if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.max_steps and val_set:
+                val_loss = evaluate_loss(engine, val_set, collate, tcfg.micro_batch_size, tcfg.eval_batches, loss_fn)
+                last["val_loss"] = val_loss
+            history.append(last)
+            if dist.is_main() and ((step + 1) % tcfg.log_every == 0 or "val_loss" in last):
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if task is not None:
+                progress.update(task, advance=1, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{last['tokens_per_s']:,.0f}")
+            want_ckpt = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.max_steps
+            if want_ckpt or interrupted["signal"] is not None:
+                engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1, "rng": _rng_state()})
+                if os.environ.get(CRASH_ENV) == str(step + 1):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if interrupted["signal"] is not None:
+                raise SlmError(
+                    f"stopped by signal {interrupted['signal']} after step {step + 1}; checkpoint saved in {ckpt_dir}. "
+                    "Run the same command with resume=true to continue."
+                )
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if val_set:
+        val_loss = evaluate_loss(engine, val_set, collate, tcfg.micro_batch_size, tcfg.eval_batches, loss_fn)
+    elapsed = time.perf_counter() - t_start
+    metrics = {
+        "steps": tcfg.max_steps,
+        "train_loss": last.get("loss", float("nan")),
+        "first_train_loss": history[0]["loss"] if history else float("nan"),
+        "val_loss": val_loss,
+        "tokens": tokens_seen,
+        "train_seconds": elapsed,
+        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
+    }
+    return LoopResult(engine=engine, steps=tcfg.max_steps, metrics=metrics, history=history)
+
+
+def _reduce_float(v: float) -> float:
+    return float(dist.all_reduce_sum(torch.tensor(v, dtype=torch.float64)))
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def consolidated_state_dict(engine, zero_stage: int) -> dict | None:
+    """The full model state dict on rank 0 (every rank must call this under ZeRO-3)."""
+    if zero_stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+        return sd if dist.is_main() else None
+    return engine.module.state_dict() if dist.is_main() else None

@@ -1,0 +1,168 @@
+"""Load, build and save Hugging Face causal LMs and their tokenizers; LoRA through PEFT.
+
+Everything here produces or consumes standard transformers objects: whatever slm writes
+loads again with plain `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from slm_cli.errors import SlmError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def _check_model_path(path: str, field: str) -> None:
+    """A local path must be an HF model folder; anything else is treated as a hub id."""
+    p = Path(path)
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise SlmError(f"{field}={path}: no such folder. Give a folder holding config.json and weights, or a hub id.")
+    if not (p / "config.json").is_file():
+        raise SlmError(
+            f"{field}={path} is not a model folder (no config.json). "
+            "Point it at a folder written by save_pretrained or by an slm stage."
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "model.tokenizer"):
+    _check_model_path(path, field)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model.name_or_path"):
+    """A pretrained causal LM from a local folder or hub id, in `dtype`."""
+    _check_model_path(path, field)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SlmError(f"{field}={path} could not be loaded as a causal LM: {exc}") from exc
+
+
+def build_model(mcfg, tokenizer) -> PreTrainedModel:
+    """A freshly initialised model of architecture `mcfg.arch` sized by the config, vocabulary from `tokenizer`."""
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=mcfg.hidden_size,
+        intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_hidden_layers,
+        num_attention_heads=mcfg.num_attention_heads,
+        num_key_value_heads=mcfg.num_key_value_heads,
+        max_position_embeddings=mcfg.max_position_embeddings,
+        tie_word_embeddings=mcfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if mcfg.head_dim is not None:
+        kwargs["head_dim"] = mcfg.head_dim
+    config = AutoConfig.for_model(mcfg.arch, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(mcfg.dtype))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return model
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The decoder blocks of a Llama-family model (model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise SlmError(f"{type(model).__name__} has no model.layers; slm supports Llama-family decoders here.")
+    return layers
+
+
+def keep_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """Keep only the decoder layers `keep` (in that order), in place, with a config that still loads."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    bad = [i for i in keep if not 0 <= i < n]
+    if bad or len(set(keep)) != len(keep):
+        raise SlmError(f"student.layers={keep}: indices must be distinct and in [0, {n - 1}] for this {n}-layer teacher.")
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        # attention modules index the KV cache by layer_idx
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx
+    cfg = model.config
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return model
+
+
+def apply_lora(model: PreTrainedModel, lora):
+    """Wrap `model` with PEFT LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise SlmError(
+            f"train.lora.target_modules: {missing} not found in the model; "
+            f"linear layers it has include {sorted(n for n in names if n.endswith('proj'))}."
+        )
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_model(model: PreTrainedModel, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """Write an HF folder: config, safetensors weights, tokenizer, generation config."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def tokenizers_match(a, b) -> bool:
+    """Same vocabulary (token -> id) and the same special tokens."""
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def example_texts(examples: list[dict]) -> list[str]:
+    """The raw text of prompt/completion, chat and plain-text examples (to train a tokenizer on)."""
+    texts = []
+    for ex in examples:
+        if "messages" in ex:
+            texts.extend(m["content"] for m in ex["messages"])
+        elif "text" in ex:
+            texts.append(ex["text"])
+        else:
+            texts.append(ex["prompt"] + ex["completion"])
+    return texts
+
+
+def resolve_tokenizer(mcfg, train_examples: list[dict], fallback: str | None = None):
+    """`model.tokenizer` if set, else the model's own (or `fallback`'s), else a BPE tokenizer trained on the data."""
+    path = mcfg.tokenizer or mcfg.name_or_path or fallback
+    if path:
+        return load_tokenizer(path, mcfg.trust_remote_code)
+    from slm_cli.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(example_texts(train_examples), vocab_size=mcfg.tokenizer_vocab_size)

@@ -1,0 +1,68 @@
+"""What every stage does around its own work: validate, guard the output, launch, report errors.
+
+A stage module calls `run_stage(cfg, Schema, work)` from its `@hydra.main`. Validation and
+the output checks use only the standard library, so a bad config fails in well under a
+second and nothing heavy is imported until the work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from slm_cli.config import ConfigError, validate
+from slm_cli.errors import SlmError
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [SlmError, ConfigError]
+    try:  # the data layer has its own error type; import lazily (it may pull torch)
+        from slm_cli.data.errors import DataError
+
+        types.append(DataError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def fail(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]slm error:[/bold red] {message}", highlight=False, markup=True)
+    sys.exit(code)
+
+
+def resolved_dict(cfg: Any) -> dict:
+    """The composed config as a plain dict, interpolations resolved, `hydra` section dropped."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def is_worker() -> bool:
+    """True inside a process started by a distributed launcher (ours, deepspeed's or torchrun's).
+
+    Not LOCAL_RANK alone: an in-process run sets that itself for DeepSpeed.
+    """
+    return os.environ.get("SLM_LAUNCHED") == "1" or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
+    """Validate `cfg` against `schema`, refuse to clobber outputs, relaunch if multi-process, run `work`."""
+    try:
+        values = resolved_dict(cfg)
+        typed = validate(values, schema, source=f"config of `slm {values.get('stage', '?')}`")
+        out = Path(typed.output_dir)
+        if out.exists() and not typed.overwrite and not is_worker():
+            raise SlmError(
+                f"output_dir {out} already exists. Choose another output_dir=..., or pass overwrite=true to replace it."
+            )
+        from slm_cli.engine.launcher import needs_relaunch, relaunch
+
+        if needs_relaunch(typed.launcher) and not is_worker():
+            sys.exit(relaunch(typed, values))
+        return work(typed, values)
+    except _user_error_types() as exc:
+        fail(str(exc))

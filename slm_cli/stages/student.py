@@ -1,0 +1,127 @@
+"""`slm student`: initialise a small student and fine-tune it on the task.
+
+The student starts from (a) a smaller pretrained model sharing the teacher's tokenizer
+(`student.init=pretrained model.name_or_path=...`), (b) a fresh model built from a config
+group with the teacher's tokenizer (`student.init=config model=tiny-llama-student`), or
+(c) a subset of the teacher's layers (`student.init=teacher_layers student.layers=[0,2]`).
+Then it is fine-tuned exactly like the teacher. Setup -> run -> save, top to bottom.
+"""
+
+from __future__ import annotations
+
+import hydra
+
+from slm_cli.config.schema import StudentStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="student", version_base="1.3")
+def main(cfg) -> None:
+    run_stage(cfg, StudentStageConfig, run)
+
+
+def run(cfg: StudentStageConfig, resolved: dict) -> dict:
+    import json
+    from functools import partial
+
+    from slm_cli import artifacts, models, ui
+    from slm_cli.data import load_splits
+    from slm_cli.data.tokenize import collate, encode_dataset
+    from slm_cli.engine import distributed as dist
+    from slm_cli.engine import loop
+    from slm_cli.engine.logging import quiet_libraries
+    from slm_cli.errors import SlmError
+
+    # --- setup -------------------------------------------------------------------------------
+    quiet_libraries()
+    dist.setup_env()
+    loop.seed_everything(cfg.seed)
+    if dist.is_main():
+        ui.console.print(ui.resolved_config_panel(resolved))
+    splits = load_splits(
+        cfg.data.source,
+        train_size=cfg.data.train_size,
+        val_size=cfg.data.val_size,
+        test_size=cfg.data.test_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+    )
+    teacher_path = cfg.teacher.path
+    tokenizer = models.resolve_tokenizer(
+        cfg.model if cfg.student.init == "pretrained" else _without_model_path(cfg.model), splits["train"], fallback=teacher_path
+    )
+    if cfg.student.init == "teacher_layers":
+        model = models.load_model(teacher_path, cfg.model.dtype, cfg.model.trust_remote_code, field="teacher.path")
+        model = models.keep_layers(model, list(cfg.student.layers))
+    elif cfg.student.init == "pretrained":
+        model = models.load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    else:
+        model = models.build_model(cfg.model, tokenizer)
+    if teacher_path:
+        teacher_tok = models.load_tokenizer(teacher_path, cfg.model.trust_remote_code, field="teacher.path")
+        if not models.tokenizers_match(tokenizer, teacher_tok):
+            raise SlmError(
+                f"the student's tokenizer ({len(tokenizer)} tokens) differs from the teacher's at teacher.path={teacher_path} "
+                f"({len(teacher_tok)} tokens). Distillation needs one shared vocabulary: use the teacher's tokenizer "
+                "(leave model.tokenizer unset) or a student from the same model family."
+            )
+    if cfg.train.lora.enabled:
+        model = models.apply_lora(model, cfg.train.lora)
+    train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
+    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len)
+    batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
+    out = artifacts.staging_dir(cfg.output_dir) if dist.is_main() else None
+    if dist.is_main():
+        artifacts.begin(cfg.output_dir, cfg.overwrite)
+        ui.console.print(ui.setup_table(f"student ({cfg.student.init})", model, tokenizer, train_stats, len(val_set), ds_config))
+
+    # --- run ---------------------------------------------------------------------------------
+    with ui.training_progress(dist.is_main()) as progress:
+        result = loop.train(
+            engine,
+            train_set=train_set,
+            val_set=val_set,
+            collate=batch_fn,
+            tcfg=cfg.train,
+            seed=cfg.seed,
+            work_dir=artifacts.work_dir(cfg.output_dir),
+            resume=cfg.resume,
+            description="student",
+            progress=progress,
+        )
+
+    # --- save --------------------------------------------------------------------------------
+    state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
+    if not dist.is_main():
+        dist.barrier()
+        return result.metrics
+    to_save = engine.module
+    if cfg.train.lora.enabled and cfg.train.lora.merge:
+        to_save, state_dict = to_save.merge_and_unload(), None
+    elif cfg.train.lora.enabled:
+        to_save.save_pretrained(out / "adapter")
+        to_save, state_dict = to_save.get_base_model(), None
+    models.save_model(to_save, tokenizer, out, state_dict=state_dict)
+    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    (out / "metrics.jsonl").write_text((artifacts.work_dir(cfg.output_dir) / "metrics.jsonl").read_text())
+    metrics = {**result.metrics, "params": models.count_params(to_save), "data": train_stats.as_dict()}
+    parents = [artifacts.parent("teacher", teacher_path)] if teacher_path else []
+    if cfg.student.init == "pretrained":
+        parents.append(artifacts.parent("base_model", cfg.model.name_or_path))
+    artifacts.write_metadata(
+        out, stage="student", config=resolved, parents=parents, metrics=metrics,
+        extra={"trust_remote_code": cfg.model.trust_remote_code, "init": cfg.student.init},
+    )
+    final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
+    ui.console.print(ui.kv_table(f"student artifact: {final}", ui.metric_rows(metrics)))
+    dist.barrier()
+    return metrics
+
+
+def _without_model_path(mcfg):
+    """For a student built from config, the tokenizer comes from model.tokenizer or the teacher, not a model path."""
+    from dataclasses import replace
+
+    return replace(mcfg, name_or_path=None)
