@@ -16,8 +16,10 @@ question, whatever the seeds, and tasks built on the same generator (``arithmeti
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import operator
 import random
 import re
 from dataclasses import dataclass, field
@@ -108,6 +110,35 @@ def canonical_number(text: str | None) -> str | None:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+_BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def evaluate_integer_expression(expression: str) -> int:
+    """The value of an integer expression with + - * / (exact division), unary minus and parentheses,
+    under the usual precedence (* and / before + and -).
+
+    reasoning-gym's no-parentheses arithmetic generator folds left to right ("9 - 0 * 4" -> 36),
+    so arithmetic answers are recomputed here rather than taken from it.
+    """
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+            return _BINARY_OPS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            numerator, denominator = value(node.left), value(node.right)
+            if denominator == 0 or numerator % denominator:
+                raise ValueError(f"{expression!r}: division is not exact")
+            return numerator // denominator
+        raise ValueError(f"{expression!r}: unsupported syntax {type(node).__name__}")
+
+    return value(ast.parse(expression, mode="eval").body)
+
+
 @functools.lru_cache(maxsize=None)
 def _scorer(rg_name: str, config_items: tuple) -> Any:
     """A reasoning-gym dataset object, kept only for its `score_answer` method."""
@@ -121,8 +152,8 @@ class ArithmeticTask:
     """Integer arithmetic with a short exact answer: "Calculate 5 - 3 - 6.\\nAnswer:" -> " -4".
 
     Generative, scored by exact match of the first number in the generation. The default
-    generator settings (2-3 terms of 1-2 digits, + - *, no parentheses) keep answers short
-    enough for tiny models trained from scratch.
+    generator settings (2-3 terms of 0-100, + - *, no parentheses) keep answers short
+    enough for tiny models trained from scratch; answers follow the usual precedence.
     """
 
     name: str = "arithmetic"
@@ -137,15 +168,18 @@ class ArithmeticTask:
 
     def examples(self, split: str, size: int, seed: int) -> list[dict]:
         """`size` records of `split`: prompt, completion, answer (and the source question)."""
-        return [
-            {
-                "prompt": f"{entry['question']}\nAnswer:",
-                "completion": f" {entry['answer']}",
-                "answer": entry["answer"],
-                "question": entry["question"],
-            }
-            for entry in draw_entries(self.rg_name, self.rg_config, self.name, split, size, seed)
-        ]
+        records = []
+        for entry in draw_entries(self.rg_name, self.rg_config, self.name, split, size, seed):
+            answer = str(evaluate_integer_expression(entry["metadata"]["expression"]))
+            records.append(
+                {
+                    "prompt": f"{entry['question']}\nAnswer:",
+                    "completion": f" {answer}",
+                    "answer": answer,
+                    "question": entry["question"],
+                }
+            )
+        return records
 
     def extract_answer(self, generation: str) -> str | None:
         """The first number the model wrote after "Answer:" (later text is ignored)."""
@@ -229,7 +263,7 @@ class ArithmeticYesNoTask:
         records = []
         for i, (entry, label) in enumerate(zip(entries, labels)):
             rng = random.Random(stable_seed(self.name, split, seed, i))
-            correct = int(entry["answer"])
+            correct = evaluate_integer_expression(entry["metadata"]["expression"])
             shown = correct if label else perturb(correct, rng)
             answer = "Yes" if label else "No"
             records.append(
