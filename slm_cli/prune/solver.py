@@ -170,7 +170,10 @@ def _diag_blocks(K: Tensor, group_size: int) -> Tensor:
 
 def _block_quadratic(blocks: Tensor, V: Tensor) -> Tensor:
     """1/2 tr(V_g^T blocks_g^-1 V_g) for every group g; V is (n, gs, d_out)."""
-    return 0.5 * (V * torch.linalg.solve(blocks, V)).sum(dim=(1, 2))
+    if blocks.shape[-1] == 1:
+        # Single columns (MLP neurons): a division; batched LAPACK calls on 1x1 blocks are slow.
+        return 0.5 * (V[:, 0, :] ** 2).sum(dim=1) / blocks[:, 0, 0]
+    return 0.5 * (V * (torch.linalg.inv(blocks) @ V)).sum(dim=(1, 2))
 
 
 def _pick_within_quota(order: Tensor, bucket_of: Tensor, room: Tensor, count: int) -> list[int]:
