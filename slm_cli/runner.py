@@ -30,7 +30,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def fail(message: str, code: int = 2) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]slm error:[/bold red] {message}", highlight=False, markup=True)
+    Console(stderr=True).print(f"[bold red]slm error:[/bold red] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

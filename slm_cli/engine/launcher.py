@@ -18,6 +18,9 @@ from pathlib import Path
 from slm_cli.errors import SlmError
 
 
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def needs_relaunch(launcher) -> bool:
     return launcher.nproc_per_node > 1 or bool(launcher.hostfile)
 
@@ -65,7 +68,8 @@ def relaunch(cfg, values: dict) -> int:
     overrides += [f"{k}={v}" for k, v in pinned.items()]
     port = cfg.launcher.master_port or free_port()
     cmd = launch_command(cfg.stage, overrides, cfg.launcher.nproc_per_node, cfg.launcher.hostfile, port)
-    env = dict(os.environ, SLM_LAUNCHED="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", _accelerator()))
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}  # the launcher sets its own
+    env.update(SLM_LAUNCHED="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", _accelerator()))
     return subprocess.call(cmd, env=env)
 
 

@@ -23,6 +23,7 @@ def main(cfg) -> None:
 
 def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     import json
+    from dataclasses import asdict
     from functools import partial
 
     from slm_cli import artifacts, models, ui
@@ -106,7 +107,7 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     models.save_model(to_save, tokenizer, out, state_dict=state_dict)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     (out / "metrics.jsonl").write_text((artifacts.work_dir(cfg.output_dir) / "metrics.jsonl").read_text())
-    metrics = {**result.metrics, "params": models.count_params(to_save), "data": train_stats.as_dict()}
+    metrics = {**result.metrics, "params": models.count_params(to_save), "data": asdict(train_stats)}
     parents = [artifacts.parent("teacher", teacher_path)] if teacher_path else []
     if cfg.student.init == "pretrained":
         parents.append(artifacts.parent("base_model", cfg.model.name_or_path))

@@ -1,0 +1,104 @@
+"""`slm teacher` end to end on tiny models: the real CLI, the real DeepSpeed engine, real checkpoints."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slm_cli.engine.launcher import RENDEZVOUS_VARS
+from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss
+
+SMALL_MODEL = ["model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]
+
+MATRIX = {
+    "llama-zero0": ["model=tiny-llama", "deepspeed=zero0"],
+    "qwen3-zero0-gc": ["model=tiny-qwen3", "deepspeed=zero0", "train.gradient_checkpointing=true"],
+    "llama-zero2-offload-gc": ["model=tiny-llama", "deepspeed=zero2-offload", "train.gradient_checkpointing=true"],
+    "qwen3-zero3": ["model=tiny-qwen3", "deepspeed=zero3"],
+    "llama-zero2-bf16": ["model=tiny-llama", "deepspeed=zero2", "train.precision=bf16"],
+    "qwen3-lora": ["model=tiny-qwen3", "train.lora.enabled=true", "train.lora.r=4", "train.lr=1e-2"],
+}
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_teacher_matrix(slm, tmp_path, name):
+    out = tmp_path / "teacher"
+    rc = slm("teacher", *MATRIX[name], *SMALL_MODEL, *FAST, f"output_dir={out}")
+    assert rc == 0
+    m = meta(out)
+    assert m["stage"] == "teacher"
+    for key in ("config", "parents", "metrics", "versions", "content_hash", "created"):
+        assert key in m, key
+    assert m["versions"]["deepspeed"] == "0.19.8"
+    first, last = loss_fell(out)
+    assert last < first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert len(metrics_rows(out)) == 16
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (tmp_path / "teacher.work").exists(), "work folder should be cleaned after success"
+    # the saved artifact, loaded with plain transformers, reproduces the trained model's validation loss
+    tol = 2e-2 if "bf16" in name else 1e-4
+    assert reloaded_val_loss(out) == pytest.approx(m["metrics"]["val_loss"], rel=tol)
+
+
+def test_existing_output_refused_then_overwritten(slm, tmp_path):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, f"output_dir={out}") == 2
+    assert (out / "keep.txt").read_text() == "old"
+    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=2", f"output_dir={out}", "overwrite=true") == 0
+    assert not (out / "keep.txt").exists() and (out / "slm.json").is_file()
+
+
+def test_sweep_writes_separate_artifacts(slm, tmp_path):
+    rc = slm("teacher", "-m", "train.lr=1e-3,3e-4", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=3")
+    assert rc == 0
+    arts = sorted(Path(tmp_path, "multirun").rglob("artifact/slm.json"))
+    assert len(arts) == 2
+    lrs = sorted(meta(a.parent)["config"]["train"]["lr"] for a in arts)
+    assert lrs == [3e-4, 1e-3]
+
+
+def _cli(args, env=None, timeout=600):
+    """`slm` in a fresh process, without the rendezvous variables an in-process run left behind."""
+    env = {k: v for k, v in (env or os.environ).items() if k not in RENDEZVOUS_VARS}
+    return subprocess.run([sys.executable, "-m", "slm_cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_resume_after_kill_matches_uninterrupted(slm, tmp_path):
+    common = ["model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=8", "train.save_every=4", "deepspeed=zero2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert slm("teacher", *common, f"output_dir={straight}") == 0
+    env = dict(os.environ, SLM_TEST_CRASH_AFTER_STEP="4")
+    proc = _cli(["teacher", *common, f"output_dir={resumed}", f"hydra.run.dir={tmp_path}/logs"], env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed hard right after the step-4 checkpoint
+    assert not resumed.exists(), "a killed run must not leave an artifact"
+    assert (tmp_path / "resumed.work" / "checkpoints" / "step4").is_dir()
+    assert slm("teacher", *common, f"output_dir={resumed}", "resume=true") == 0
+    a, b = metrics_rows(straight), metrics_rows(resumed)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], abs=1e-6)
+    assert meta(resumed)["metrics"]["val_loss"] == pytest.approx(meta(straight)["metrics"]["val_loss"], abs=1e-6)
+
+
+def test_two_processes_with_deepspeed_launcher(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _cli(
+        ["teacher", "launcher=ddp2", "deepspeed=zero2", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.micro_batch_size=8",
+         f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
+        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = meta(out)
+    assert m["config"]["launcher"]["nproc_per_node"] == 2
+    first, last = loss_fell(out)
+    assert last < first
+    assert reloaded_val_loss(out) == pytest.approx(m["metrics"]["val_loss"], rel=1e-4)
+
+
+def test_too_many_processes_is_refused(tmp_path):
+    proc = _cli(["teacher", "launcher.nproc_per_node=64", "model=tiny-llama", f"output_dir={tmp_path}/x", f"hydra.run.dir={tmp_path}/logs"])
+    assert proc.returncode == 2
+    assert "launcher.nproc_per_node=64" in proc.stderr and "set launcher.nproc_per_node to at most" in proc.stderr
