@@ -320,12 +320,16 @@ def distillation_loss(
 # Fused linear + loss, chunked: the same objective without the N×V logits
 # ---------------------------------------------------------------------------
 #
-# Each kernel takes float32 log-probabilities of one chunk, log_q (student) and log_p
-# (teacher), both at temperature T, and returns (D per token, ∂D/∂s) where s = z/T are the
-# student's scaled logits. The gradient goes through the softmax as
+# Each kernel takes one chunk's float32 student log-probabilities log_q and probabilities
+# q, the teacher's log-probabilities log_p (all at temperature T), the mixing weight and a
+# gradient scale, and returns (D per token, scale·∂D/∂s), s = z/T being the student's
+# scaled logits. The gradient goes through the softmax as
 #     ∂D/∂s_j = q_j·(g_j − Σ_k q_k·g_k),   g = ∂D/∂q,
-# which for each divergence simplifies to the closed forms below. Tensors of the chunk are
-# reused in place where possible: the chunk's [c, V] temporaries set the peak memory.
+# which for each divergence simplifies to the closed forms below. The [c, V] buffers set
+# the peak memory and every pass over them costs time, so the kernels work in place: they
+# may overwrite log_p (the chunk owns it) but never log_q or q (the CE term reuses q).
+# Linear-layer logits are finite, so log_q and log_p are too; only a log of a mixture of
+# probabilities can meet log 0 and is clamped.
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -338,78 +342,81 @@ def _safe_log(x: Tensor) -> Tensor:
     return x.log_().clamp_(min=torch.finfo(x.dtype).min)
 
 
-def _grad_forward_kl(log_q: Tensor, log_p: Tensor, mix: float) -> tuple[Tensor, Tensor]:
-    # D = Σ p(log p − log q);  ∂D/∂s = q − p. Overwrites log_p (the chunk owns it).
+def _softmax_backward_(g: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """scale·q·(g − Σ q·g), in place in g: the gradient w.r.t. logits from g = ∂D/∂q."""
+    return g.sub_(_rowdot(q, g).unsqueeze(1)).mul_(q).mul_(scale)
+
+
+def _grad_forward_kl(log_q: Tensor, q: Tensor, log_p: Tensor, mix: float, scale: Tensor) -> tuple[Tensor, Tensor]:
+    # D = Σ p(log p − log q);  ∂D/∂s = q − p.
     p = log_p.exp()
     value = _rowdot(p, log_p.sub_(log_q))
-    return value, log_q.exp().sub_(p)
+    return value, p.sub_(q).mul_(-scale)
 
 
-def _grad_reverse_kl(log_q: Tensor, log_p: Tensor, mix: float) -> tuple[Tensor, Tensor]:
+def _grad_reverse_kl(log_q: Tensor, q: Tensor, log_p: Tensor, mix: float, scale: Tensor) -> tuple[Tensor, Tensor]:
     # D = Σ q(log q − log p);  g = log q − log p + 1  ->  ∂D/∂s = q·(log q − log p − D).
-    q = log_q.exp()
     log_ratio = log_p.neg_().add_(log_q)
     value = _rowdot(q, log_ratio)
-    return value, log_ratio.sub_(value.unsqueeze(1)).mul_(q)
+    return value, log_ratio.sub_(value.unsqueeze(1)).mul_(q).mul_(scale)
 
 
-def _grad_generalized_jsd(log_q: Tensor, log_p: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def _grad_generalized_jsd(
+    log_q: Tensor, q: Tensor, log_p: Tensor, beta: float, scale: Tensor
+) -> tuple[Tensor, Tensor]:
     # Scaled JSD: D = KL(p‖m)/(1−β) + KL(q‖m)/β, m = βp + (1−β)q. In ∂D/∂q_j the terms
     # that come from m cancel (they sum to (βp_j + (1−β)q_j)/m_j = 1, a constant), leaving
     # g = log(q/m)/β + const, so ∂D/∂s = q·(log q − log m − KL(q‖m))/β.
-    # β = 0 and 1 are the forward / reverse KL limits. Overwrites log_p (the chunk owns it).
+    # β = 0 and 1 are the forward / reverse KL limits.
     if beta == 0.0:
-        return _grad_forward_kl(log_q, log_p, beta)
+        return _grad_forward_kl(log_q, q, log_p, beta, scale)
     if beta == 1.0:
-        return _grad_reverse_kl(log_q, log_p, beta)
+        return _grad_reverse_kl(log_q, q, log_p, beta, scale)
     p = log_p.exp()
-    q = log_q.exp()
-    log_m = _safe_log((p * beta).add_(q, alpha=1.0 - beta))
+    log_m = _safe_log(torch.add(q, p, alpha=beta / (1.0 - beta)).mul_(1.0 - beta))
     kl_pm = _rowdot(p, log_p.sub_(log_m))
     diff = torch.sub(log_q, log_m, out=p)
     del log_m
     kl_qm = _rowdot(q, diff)
     value = kl_pm / (1.0 - beta) + kl_qm / beta
-    return value, diff.sub_(kl_qm.unsqueeze(1)).mul_(q).div_(beta)
+    return value, diff.sub_(kl_qm.unsqueeze(1)).mul_(q).mul_(scale / beta)
 
 
-def _grad_tvd(log_q: Tensor, log_p: Tensor, mix: float) -> tuple[Tensor, Tensor]:
+def _grad_tvd(log_q: Tensor, q: Tensor, log_p: Tensor, mix: float, scale: Tensor) -> tuple[Tensor, Tensor]:
     # D = ½Σ|q − p|;  g = ½·sign(q − p)  ->  ∂D/∂s = q·(g − Σ q·g).
-    q = log_q.exp()
-    diff = q - log_p.exp_()
+    diff = torch.sub(q, log_p.exp_(), out=log_p)
     value = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
-    half_sign = diff.sign_().mul_(0.5)
-    return value, half_sign.sub_(_rowdot(q, half_sign).unsqueeze(1)).mul_(q)
+    return value, _softmax_backward_(diff.sign_().mul_(0.5), q, scale)
 
 
-def _grad_skew_forward_kl(log_q: Tensor, log_p: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+def _grad_skew_forward_kl(
+    log_q: Tensor, q: Tensor, log_p: Tensor, alpha: float, scale: Tensor
+) -> tuple[Tensor, Tensor]:
     # D = KL(p‖r), r = αp + (1−α)q;  g = −(1−α)·p/r  ->  ∂D/∂s = q·(g − Σ q·g).
     if alpha == 1.0:
         return log_q.new_zeros(log_q.shape[0]), torch.zeros_like(log_q)
     p = log_p.exp()
-    q = log_q.exp()
     r = (p * alpha).add_(q, alpha=1.0 - alpha)
-    value = _rowdot(p, log_p - _safe_log(r.clone()))
-    g = p.div_(r).mul_(-(1.0 - alpha))
-    g = g.nan_to_num_(nan=0.0)  # p = r = 0 (both models rule the token out): no gradient
-    return value, g.sub_(_rowdot(q, g).unsqueeze(1)).mul_(q)
+    value = _rowdot(p, log_p.sub_(torch.log(r)))
+    # p = r = 0 (both models rule the token out) gives 0/0: that entry has no gradient.
+    g = p.div_(r).mul_(-(1.0 - alpha)).nan_to_num_(nan=0.0)
+    return value, _softmax_backward_(g, q, scale)
 
 
-def _grad_skew_reverse_kl(log_q: Tensor, log_p: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+def _grad_skew_reverse_kl(
+    log_q: Tensor, q: Tensor, log_p: Tensor, alpha: float, scale: Tensor
+) -> tuple[Tensor, Tensor]:
     # D = KL(q‖r), r = αq + (1−α)p;  g = log(q/r) + 1 − α·q/r  ->  ∂D/∂s = q·(g − Σ q·g).
     if alpha == 1.0:
         return log_q.new_zeros(log_q.shape[0]), torch.zeros_like(log_q)
-    p = log_p.exp()
-    q = log_q.exp()
-    r = p.mul_(1.0 - alpha).add_(q, alpha=alpha)
-    log_r = _safe_log(r.clone())
-    g = log_q - log_r
+    r = log_p.exp_().mul_(1.0 - alpha).add_(q, alpha=alpha)
+    g = torch.sub(log_q, _safe_log(r.clone()))
     value = _rowdot(q, g)
     g.sub_(r.reciprocal_().mul_(q).mul_(alpha).nan_to_num_(nan=0.0))
-    return value, g.sub_(_rowdot(q, g).unsqueeze(1)).mul_(q)
+    return value, _softmax_backward_(g, q, scale)
 
 
-_VALUE_AND_GRAD: dict[str, Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor]]] = {
+_VALUE_AND_GRAD: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "forward_kl": _grad_forward_kl,
     "reverse_kl": _grad_reverse_kl,
     "generalized_jsd": _grad_generalized_jsd,
@@ -450,18 +457,21 @@ def _chunk_loss_and_grad(
     else:
         log_q = torch.log_softmax(student_logits.div_(kd_temperature), dim=-1)
     del student_logits
-    log_q.clamp_(min=torch.finfo(log_q.dtype).min)
+    if kd_temperature == 1.0 or not with_ce_grad:
+        del log_z  # the CE gradient will use q (T = 1) or is not needed
+    q = log_q.exp()
     teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias).float()
-    log_p = torch.log_softmax(teacher_logits.div_(kd_temperature), dim=-1)
+    if kd_temperature != 1.0:
+        teacher_logits.div_(kd_temperature)
+    log_p = torch.log_softmax(teacher_logits, dim=-1)
     del teacher_logits
-    log_p.clamp_(min=torch.finfo(log_p.dtype).min)
-    value, grad = _VALUE_AND_GRAD[divergence](log_q, log_p, mix)
-    del log_p, log_q
     # T²·D of z/T: ∂/∂z = T²·(1/T)·∂D/∂s = T·∂D/∂s.
-    grad.mul_(kd_scale * kd_temperature)
+    value, grad = _VALUE_AND_GRAD[divergence](log_q, q, log_p, mix, kd_scale * kd_temperature)
+    del log_p, log_q
     if with_ce_grad:
-        # CE gradient w.r.t. the raw logits: softmax(z) − onehot(label).
-        grad.add_(log_z.exp_().mul_(ce_scale))
+        # CE gradient w.r.t. the raw logits: softmax(z) − onehot(label); softmax(z) is q at T = 1.
+        probs = q if kd_temperature == 1.0 else log_z.exp_()
+        grad.addcmul_(probs, ce_scale)
         grad.scatter_add_(1, labels.unsqueeze(1), (-ce_scale).expand(labels.shape[0], 1))
     return value.sum() * kd_temperature**2, ce, grad
 

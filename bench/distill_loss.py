@@ -1,0 +1,161 @@
+"""Naive vs chunked fused-linear distillation loss: wall time and peak extra memory.
+
+    .venv/bin/python bench/distill_loss.py                      # 4096 tokens, hidden 512, vocab 32000
+    .venv/bin/python bench/distill_loss.py --chunks 256 512 1024 --compile
+
+Each variant runs in its own subprocess so its peak memory can be read on CPU, where
+torch's allocator is invisible to tracemalloc: the worker allocates the inputs, reads
+ru_maxrss (the process's peak resident set so far), runs forward + backward once (the
+warm-up), and reports the rise of ru_maxrss as the variant's peak extra memory. It then
+times ``--repeats`` more runs and reports the median. "naive" forms both models' full
+[N, V] logits and calls ``distillation_loss``; "chunked" calls
+``fused_linear_distillation_loss``. Both include the student's weight/hidden gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _inputs(args):
+    import torch
+
+    torch.manual_seed(0)
+    n, h, v = args.tokens, args.hidden, args.vocab
+    student_hidden = (torch.randn(n, h) / h**0.5).requires_grad_()
+    student_weight = torch.randn(v, h).requires_grad_()
+    teacher_hidden = torch.randn(n, h) / h**0.5
+    teacher_weight = torch.randn(v, h)
+    labels = torch.randint(0, v, (n,))
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, labels
+
+
+def _worker(args) -> None:
+    """Run one variant and print one JSON line: peak extra GB, times, loss."""
+    import torch
+
+    from slm_cli.distill.losses import distillation_loss, fused_linear_distillation_loss
+
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels = _inputs(args)
+    loss_kwargs = {"divergence": args.divergence, "beta": args.beta, "kd_weight": args.kd_weight}
+
+    def step() -> float:
+        student_hidden.grad = None
+        student_weight.grad = None
+        if args.variant == "naive":
+            student_logits = student_hidden @ student_weight.t()
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ teacher_weight.t()
+            loss, _ = distillation_loss(student_logits, teacher_logits, labels, **loss_kwargs)
+        else:
+            loss, _ = fused_linear_distillation_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                chunk_size=args.chunk_size, compile=args.compile, **loss_kwargs,
+            )  # fmt: skip
+        loss.backward()
+        return float(loss)
+
+    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    loss = step()
+    first_s = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, cpu_times = [], []
+    for _ in range(args.repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    grad_norm = float(student_weight.grad.norm())
+    print(
+        json.dumps(
+            {
+                "peak_extra_gb": (peak_kb - baseline_kb) / 2**20,  # ru_maxrss is in KiB on Linux
+                "first_s": first_s,
+                "median_s": statistics.median(times),
+                "median_cpu_s": statistics.median(cpu_times),
+                "loss": loss,
+                "grad_norm": grad_norm,
+            }
+        )
+    )
+
+
+def _run_variant(args, variant: str, chunk_size: int = 0, compile: bool = False) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", variant,
+        "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+        "--repeats", str(args.repeats), "--divergence", args.divergence,
+        "--beta", str(args.beta), "--kd-weight", str(args.kd_weight), "--chunk-size", str(chunk_size),
+    ] + (["--compile"] if compile else [])  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} (chunk {chunk_size}) failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
+    parser.add_argument("--divergence", default="generalized_jsd")
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--kd-weight", type=float, default=0.9)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[256, 1024], help="chunk sizes to sweep")
+    parser.add_argument("--compile", action="store_true", help="also run the chunked loss with compile=True")
+    parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.variant = args.worker
+        _worker(args)
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]distillation loss, fwd+bwd[/bold]: {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, "
+        f"fp32 CPU, {args.divergence} beta={args.beta}, kd_weight={args.kd_weight}, median of {args.repeats} "
+        f"after a warm-up, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
+    )
+    rows = [("naive (full logits)", 0, False, _run_variant(args, "naive"))]
+    for chunk in args.chunks:
+        rows.append((f"chunked {chunk}", chunk, False, _run_variant(args, "chunked", chunk)))
+        if args.compile:
+            rows.append((f"chunked {chunk} compiled", chunk, True, _run_variant(args, "chunked", chunk, True)))
+
+    naive = rows[0][3]
+    table = Table(title="naive vs chunked fused-linear distillation loss")
+    for column in ("variant", "median s", "cpu s", "first run s", "speed-up", "peak extra GB", "memory ratio", "|Δloss|"):
+        table.add_column(column, justify="right" if column != "variant" else "left")
+    for name, _, _, result in rows:
+        table.add_row(
+            name,
+            f"{result['median_s']:.2f}",
+            f"{result['median_cpu_s']:.2f}",
+            f"{result['first_s']:.2f}",
+            f"{naive['median_s'] / result['median_s']:.1f}x",
+            f"{result['peak_extra_gb']:.3f}",
+            f"{naive['peak_extra_gb'] / max(result['peak_extra_gb'], 1e-9):.0f}x less",
+            f"{abs(result['loss'] - naive['loss']):.1e}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
