@@ -59,6 +59,7 @@ __all__ = [
     "SCHEMES",
     "get_scheme",
     "quantize_fp8",
+    "read_quantization_config",
     "save_fp8",
     "targeted_linears",
     "weight_qparams",
