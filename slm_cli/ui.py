@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()
+# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; give them room instead.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def training_progress(enabled: bool = True) -> Progress:
