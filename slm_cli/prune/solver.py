@@ -191,108 +191,139 @@ def _pick_within_quota(order: Tensor, bucket_of: Tensor, room: Tensor, count: in
 
 
 class _ActiveSet:
-    """The kept groups with K = (G_SS)^-1 and the least-squares W_hat_S, group-contiguous."""
+    """Kept groups S, with K = (G_SS)^-1 and the least-squares W_hat_S kept at full size.
+
+    K is d x d with (G_SS)^-1 in the rows/columns of S and zeros elsewhere; W_hat is d x d_out with
+    zero rows outside S.  Removing a set D is then one in-place rank-|D| update
+    K <- K - K[:, D] K_DD^-1 K[D, :], which also zeroes D's rows and columns: no index copies of K.
+    """
 
     def __init__(self, G: Tensor, W: Tensor, group_size: int):
-        self.G, self.W, self.gs = G, W, group_size
+        self.G, self.gs = G, group_size
         self.GW = G @ W
-        n = G.shape[0] // group_size
-        self.groups = torch.arange(n, device=G.device)
-        # Full set: W_hat = W is optimal (objective 0), K = G^-1.
-        self.K = torch.cholesky_inverse(torch.linalg.cholesky(G))
+        self.n = G.shape[0] // group_size
+        self.active = torch.ones(self.n, dtype=torch.bool, device=G.device)
+        # Full set: W_hat = W is optimal (objective 0), K = G^-1.  cholesky_solve against I is
+        # much faster than cholesky_inverse on CPU builds of torch.
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        self.K = torch.cholesky_solve(eye, torch.linalg.cholesky(G))
         self.W_hat = W.clone()
+
+    @property
+    def groups(self) -> Tensor:
+        return self.active.nonzero().squeeze(1)
 
     def cols(self) -> Tensor:
         return group_columns(self.groups, self.gs)
 
     def removal_costs(self) -> Tensor:
-        """OBS cost of dropping each active group alone."""
-        n = self.groups.numel()
-        return _block_quadratic(_diag_blocks(self.K, self.gs), self.W_hat.reshape(n, self.gs, -1))
+        """OBS cost of dropping each group alone (inf for groups already pruned)."""
+        blocks = _diag_blocks(self.K, self.gs)
+        blocks[~self.active] = torch.eye(self.gs, dtype=blocks.dtype, device=blocks.device)
+        cost = _block_quadratic(blocks, self.W_hat.reshape(self.n, self.gs, -1))
+        return torch.where(self.active, cost, torch.full_like(cost, math.inf))
 
-    def remove(self, positions: list[int]) -> None:
-        """Drop the active groups at ``positions`` jointly (exact rank-|R| Schur downdate)."""
-        drop = group_columns(torch.tensor(positions, device=self.K.device), self.gs)
-        mask = torch.ones(self.K.shape[0], dtype=torch.bool, device=self.K.device)
-        mask[drop] = False
-        keep = mask.nonzero().squeeze(1)
-        K_dd = self.K[drop][:, drop]
-        K_td = self.K[keep][:, drop]
-        K_td_solve = torch.linalg.solve(K_dd, K_td.T).T  # K_TD K_DD^-1
-        self.W_hat = self.W_hat[keep] - K_td_solve @ self.W_hat[drop]
-        K_new = self.K[keep][:, keep] - K_td_solve @ K_td.T
-        self.K = 0.5 * (K_new + K_new.T)
-        gmask = torch.ones(self.groups.numel(), dtype=torch.bool, device=self.groups.device)
-        gmask[torch.tensor(positions, device=self.groups.device)] = False
-        self.groups = self.groups[gmask]
+    def remove(self, groups: list[int]) -> None:
+        """Drop ``groups`` jointly (exact rank-|D| Schur downdate of K and W_hat)."""
+        drop = group_columns(torch.tensor(groups, device=self.K.device), self.gs)
+        K_d = self.K[:, drop]  # a copy: safe to update K in place below
+        K_dd = K_d[drop]
+        self.W_hat -= K_d @ torch.linalg.solve(K_dd, self.W_hat[drop])
+        self.K -= K_d @ torch.linalg.solve(K_dd, K_d.T)
+        # Exact zeros (not float residue) outside S keep later masks and sums clean.
+        self.K[drop] = 0
+        self.K[:, drop] = 0
+        self.W_hat[drop] = 0
+        self.active[torch.tensor(groups, device=self.active.device)] = False
 
     def add_gains(self, pruned: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For every pruned group j: gain of adding it back, and the pieces to do so.
 
-        Returns (gain (p,), B (p, s, gs) = K G_Sj, Schur^-1 (p, gs, gs), y (p, gs, d_out)) with
-        y = Schur_j^-1 r_j the new rows for j.
+        Returns (gain (p,), B (p, d, gs) = K G_:j (zero outside S), Schur^-1 (p, gs, gs),
+        y (p, gs, d_out) = Schur_j^-1 r_j, the least-squares rows of j once added).
         """
-        gs, s = self.gs, self.K.shape[0]
+        gs, d = self.gs, self.K.shape[0]
         p = pruned.numel()
-        cols_s, cols_p = self.cols(), group_columns(pruned, gs)
-        G_sp = self.G[cols_s][:, cols_p]
-        B = (self.K @ G_sp).reshape(s, p, gs)
-        G_pp = _diag_blocks(self.G[cols_p][:, cols_p], gs)
-        schur = G_pp - torch.einsum("spa,spb->pab", G_sp.reshape(s, p, gs), B)
+        cols_p = group_columns(pruned, gs)
+        G_p = self.G[:, cols_p]  # (d, p*gs)
+        B = (self.K @ G_p).reshape(d, p, gs)
+        G_pp = _diag_blocks(G_p[cols_p], gs)
+        # G_jS B_S = G[c_j, :] B because B is zero outside S.
+        schur = G_pp - torch.einsum("dpa,dpb->pab", G_p.reshape(d, p, gs), B)
         schur = 0.5 * (schur + schur.transpose(1, 2))
-        resid = (self.GW[cols_p] - G_sp.T @ self.W_hat).reshape(p, gs, -1)
+        resid = (self.GW[cols_p] - G_p.T @ self.W_hat).reshape(p, gs, -1)
         schur_inv = torch.linalg.inv(schur)
         y = schur_inv @ resid
         gain = 0.5 * (resid * y).sum(dim=(1, 2))
         return gain, B.permute(1, 0, 2), schur_inv, y
 
     def add(self, group: int) -> None:
-        """Add one pruned group back (block-inverse grow), appended at the end."""
-        gain, B, schur_inv, y = self.add_gains(torch.tensor([group], device=self.K.device))
+        """Add one pruned group back (block-inverse grow of K, least-squares update of W_hat)."""
+        _, B, schur_inv, y = self.add_gains(torch.tensor([group], device=self.K.device))
         B, schur_inv, y = B[0], schur_inv[0], y[0]
+        cols = group_columns(torch.tensor([group], device=self.K.device), self.gs)
         BS = B @ schur_inv
-        top = torch.cat([self.K + BS @ B.T, -BS], dim=1)
-        bottom = torch.cat([-BS.T, schur_inv], dim=1)
-        K_new = torch.cat([top, bottom], dim=0)
-        self.K = 0.5 * (K_new + K_new.T)
-        self.W_hat = torch.cat([self.W_hat - B @ y, y], dim=0)
-        self.groups = torch.cat([self.groups, torch.tensor([group], device=self.groups.device)])
+        self.K += BS @ B.T
+        self.K[:, cols] = -BS
+        self.K[cols] = -BS.T
+        self.K[cols[:, None], cols] = schur_inv
+        self.K = 0.5 * (self.K + self.K.T)
+        self.W_hat -= B @ y
+        self.W_hat[cols] = y
+        self.active[group] = True
 
 
-def _pruned_groups(n: int, active: Tensor) -> Tensor:
-    mask = torch.ones(n, dtype=torch.bool, device=active.device)
-    mask[active] = False
-    return mask.nonzero().squeeze(1)
-
-
-def _best_swap(state: _ActiveSet, n: int, bucket_of: Tensor, candidates: int) -> tuple[float, int, int]:
-    """Best (delta objective, group to add, active position to drop) over the top candidates.
+def _best_swap(state: _ActiveSet, bucket_of: Tensor, candidates: int) -> tuple[float, int, int]:
+    """Best (delta objective, group to add, group to drop) over the top candidates.
 
     For a fixed added group j, f(S + j - i) = f(S) - gain_j + cost_i(S + j), so the best drop
     after adding j is the cheapest removal in the grown set: the swap value is exact.
     """
-    pruned = _pruned_groups(n, state.groups)
+    pruned = (~state.active).nonzero().squeeze(1)
     if pruned.numel() == 0:
         return 0.0, -1, -1
     gain, B, schur_inv, y = state.add_gains(pruned)
     order = torch.argsort(gain, descending=True)[:candidates]
-    gs, s_groups = state.gs, state.groups.numel()
-    K_blocks = _diag_blocks(state.K, gs)
-    W_hat = state.W_hat.reshape(s_groups, gs, -1)
-    active_bucket = bucket_of[state.groups]
-    best = (0.0, -1, -1)
-    for c in order.tolist():
-        Bj = B[c].reshape(s_groups, gs, gs)  # rows of K G_Sj per active group
-        K_grown = K_blocks + Bj @ schur_inv[c] @ Bj.transpose(1, 2)
-        W_grown = W_hat - Bj @ y[c]
-        cost = _block_quadratic(K_grown, W_grown)
-        same_bucket = active_bucket == bucket_of[pruned[c]]
-        cost = torch.where(same_bucket, cost, torch.full_like(cost, math.inf))
-        pos = int(torch.argmin(cost))
-        delta = float(cost[pos] - gain[c])
-        if delta < best[0]:
-            best = (delta, int(pruned[c]), pos)
-    return best
+    if state.gs == 1:
+        cost = _swap_drop_costs_single(state, B[order, :, 0], schur_inv[order, 0, 0], y[order, 0, :])
+    else:
+        cost = torch.stack([_swap_drop_costs_block(state, B[c], schur_inv[c], y[c]) for c in order.tolist()])
+    allowed = state.active[None, :] & (bucket_of[None, :] == bucket_of[pruned[order]][:, None])
+    cost = torch.where(allowed, cost, torch.full_like(cost, math.inf))
+    drop_cost, drop = cost.min(dim=1)
+    delta = drop_cost - gain[order]
+    best = int(torch.argmin(delta))
+    if float(delta[best]) >= 0:
+        return 0.0, -1, -1
+    return float(delta[best]), int(pruned[order[best]]), int(drop[best])
+
+
+def _swap_drop_costs_block(state: _ActiveSet, B: Tensor, schur_inv: Tensor, y: Tensor) -> Tensor:
+    """Removal cost of every group after adding the pruned group with pieces (B, Schur^-1, y).
+
+    Grown inverse blocks K_ii + B_i Schur^-1 B_i^T, grown rows W_hat_i - B_i y.
+    """
+    gs, n = state.gs, state.n
+    Bg = B.reshape(n, gs, gs)
+    K_grown = _diag_blocks(state.K, gs) + Bg @ schur_inv @ Bg.transpose(1, 2)
+    K_grown[~state.active] = torch.eye(gs, dtype=K_grown.dtype, device=K_grown.device)
+    return _block_quadratic(K_grown, state.W_hat.reshape(n, gs, -1) - Bg @ y)
+
+
+def _swap_drop_costs_single(state: _ActiveSet, B: Tensor, schur_inv: Tensor, y: Tensor) -> Tensor:
+    """The same for single-column groups, all C candidates at once without forming W_hat - b y:
+
+    cost_ic = 1/2 ||W_hat_i - b_ci y_c||^2 / (K_ii + b_ci^2 s_c)
+            = 1/2 (||W_hat_i||^2 - 2 b_ci <W_hat_i, y_c> + b_ci^2 ||y_c||^2) / (K_ii + b_ci^2 s_c).
+    B: (C, d), schur_inv: (C,), y: (C, d_out).  Returns (C, d).
+    """
+    w2 = (state.W_hat ** 2).sum(dim=1)
+    wy = (state.W_hat @ y.T).T  # (C, d)
+    y2 = (y ** 2).sum(dim=1)
+    num = w2[None, :] - 2 * B * wy + B ** 2 * y2[:, None]
+    den = state.K.diagonal()[None, :] + B ** 2 * schur_inv[:, None]
+    den = torch.where(state.active[None, :], den, torch.ones_like(den))
+    return 0.5 * num.clamp_min(0) / den
 
 
 def _check_problem(W: Tensor, gram: Tensor, group_size: int, keep: int, buckets: int) -> int:
@@ -339,22 +370,22 @@ def osscar(
     while to_remove > 0:
         step = math.ceil(to_remove / steps_left)
         costs = state.removal_costs()
-        active_bucket = bucket_of[state.groups]
-        room = torch.bincount(active_bucket, minlength=buckets) - quota
-        picked = _pick_within_quota(torch.argsort(costs), active_bucket, room, step)
+        room = torch.bincount(bucket_of[state.active], minlength=buckets) - quota
+        order = torch.argsort(costs)[: int(state.active.sum())]  # pruned groups cost inf: last
+        picked = _pick_within_quota(order, bucket_of, room, step)
         state.remove(picked)
         to_remove -= len(picked)
         steps_left = max(steps_left - 1, 1)
 
-    objective_greedy = objective(G, Wd, state.cols(), state.W_hat)
+    objective_greedy = objective(G, Wd, state.cols(), state.W_hat[state.cols()])
     current, swaps = objective_greedy, 0
     for _ in range(options.local_search_iters):
-        delta, add_group, drop_pos = _best_swap(state, n, bucket_of, options.swap_candidates)
+        delta, add_group, drop_group = _best_swap(state, bucket_of, options.swap_candidates)
         # Accept only clear improvements so float noise cannot make the search cycle.
         if add_group < 0 or delta >= -1e-10 * max(current, 1e-30):
             break
         state.add(add_group)
-        state.remove([drop_pos])
+        state.remove([drop_group])
         current += delta
         swaps += 1
 
