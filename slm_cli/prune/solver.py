@@ -178,10 +178,10 @@ def _block_quadratic(blocks: Tensor, V: Tensor) -> Tensor:
 
 def _pick_within_quota(order: Tensor, bucket_of: Tensor, room: Tensor, count: int) -> list[int]:
     """First ``count`` entries of ``order`` such that no bucket gives more than ``room[b]``."""
-    room = room.clone()
+    room, bucket_list = room.tolist(), bucket_of.tolist()
     picked = []
     for a in order.tolist():
-        b = int(bucket_of[a])
+        b = bucket_list[a]
         if room[b] > 0:
             picked.append(a)
             room[b] -= 1
@@ -205,8 +205,14 @@ class _ActiveSet:
         self.active = torch.ones(self.n, dtype=torch.bool, device=G.device)
         # Full set: W_hat = W is optimal (objective 0), K = G^-1.  cholesky_solve against I is
         # much faster than cholesky_inverse on CPU builds of torch.
+        chol, info = torch.linalg.cholesky_ex(G)
+        if int(info) != 0:
+            raise ValueError(
+                "damped Gram matrix is not positive definite (too few calibration tokens for this "
+                "width with ridge this small): raise prune.ridge (1e-2 is the usual value) or add data"
+            )
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        self.K = torch.cholesky_solve(eye, torch.linalg.cholesky(G))
+        self.K = torch.cholesky_solve(eye, chol)
         self.W_hat = W.clone()
 
     @property

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from slm_cli.prune import (
     METHODS,
@@ -38,7 +38,7 @@ def one_thread():
 
 
 def tiny_config(kind: str, **overrides):
-    cls = {"llama": LlamaConfig, "qwen3": Qwen3Config}[kind]
+    cls = {"llama": LlamaConfig, "qwen3": Qwen3Config, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
     return cls(**{**TINY, **overrides})
 
 
@@ -103,6 +103,8 @@ def test_pruned_heads_compute_what_the_dense_heads_computed(ids):
     ("llama", PrunePlan(keep_ffn=0.5, keep_q_per_kv=1, drop_layers=1)),
     ("qwen3", PrunePlan(keep_ffn=0.5, keep_kv_heads=1, drop_layers=1)),
     ("qwen3", PrunePlan(method="wanda_sp", keep_ffn=40, keep_kv_heads=1, keep_q_per_kv=1, round_to=16)),
+    ("qwen2", PrunePlan(keep_ffn=0.5, keep_kv_heads=1, keep_q_per_kv=1)),  # q/k/v biases
+    ("mistral", PrunePlan(method="activation", keep_ffn=0.5, keep_q_per_kv=1, drop_layers=1)),
 ])
 def test_pruned_model_saves_reloads_and_generates(kind, plan, ids, tmp_path):
     model = tiny_model(kind)
