@@ -19,7 +19,7 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "student": ("slm_cli.stages.student", "Build a small student (config, pretrained or teacher layers) and fine-tune it"),
     "distill": (None, "Logit and on-policy distillation from a teacher"),
     "prune": (None, "Structured pruning of heads, MLP neurons and layers (OSSCAR)"),
-    "quantize": (None, "FP8 checkpoints in the compressed-tensors format vLLM reads"),
+    "quantize": ("slm_cli.stages.quantize", "FP8 checkpoints in the compressed-tensors format vLLM reads"),
     "eval": (None, "Perplexity, exact match and AUC of any artifact"),
     "bench": (None, "Latency, throughput and memory of artifacts"),
     "run": (None, "Run a multi-stage pipeline recipe"),

@@ -291,7 +291,104 @@ class StudentStageConfig(TrainStageConfig):
         return out
 
 
+FP8_SCHEMES = ("fp8_dynamic", "fp8_static", "fp8_weight_only", "fp8_block")  # = slm_cli.quant.fp8.SCHEMES
+
+
+@dataclass
+class QuantConfig:
+    """Which FP8 scheme, which Linear layers stay in float, and how the FP8 model is judged."""
+
+    scheme: str = "fp8_dynamic"  # fp8_dynamic | fp8_static | fp8_weight_only | fp8_block (see slm_cli/quant/fp8.py)
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # Linear layers kept in float: names or 're:' regexes
+    save_dtype: str = "bfloat16"  # dtype of every tensor that stays unquantized (embeddings, norms, ignored layers)
+    fake_quant_eval: bool = False  # judge quality through an in-memory fake-quantized model instead of reloading the checkpoint
+    error_rows: int = 10  # layers with the largest weight error shown in the terminal (all go to quantization.json)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(
+            self.scheme not in FP8_SCHEMES, f"{where}.scheme={self.scheme!r}: choose one of {', '.join(FP8_SCHEMES)}", out
+        )
+        _problems_if(
+            self.save_dtype not in ("bfloat16", "float16"),
+            f"{where}.save_dtype={self.save_dtype!r}: choose bfloat16 or float16 (fp32 leftovers bloat the checkpoint)",
+            out,
+        )
+        _problems_if(self.error_rows < 0, f"{where}.error_rows={self.error_rows} must be >= 0", out)
+        return out
+
+
+@dataclass
+class QuantCalibrationConfig:
+    """Calibration text for static activation scales (fp8_static only): N sequences of L tokens."""
+
+    source: str = "shakespeare"  # data source; its validation split is used (a corpus' calibration split)
+    samples: int = 32  # N: sequences fed through the model
+    seq_len: int = 512  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
+    batch_size: int = 4  # sequences per forward pass
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.source, f"{where}.source is empty: name a corpus, task or data file", out)
+        for name in ("samples", "seq_len", "batch_size"):
+            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
+        return out
+
+
+@dataclass
+class QuantEvalConfig:
+    """Perplexity of the source and of the FP8 checkpoint on the same held-out text."""
+
+    source: Optional[str] = "shakespeare"  # data source whose test split is scored; null = skip the perplexity check
+    max_tokens: int = 4096  # score the first N tokens of the test split
+    window: int = 512  # tokens the model sees at once (sliding window)
+    stride: int = 256  # tokens the window advances; each token is scored once with >= window - stride of context
+    batch_size: int = 4  # windows per forward pass
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(self.max_tokens < 2, f"{where}.max_tokens={self.max_tokens} must be >= 2", out)
+        _problems_if(self.window < 2, f"{where}.window={self.window} must be >= 2", out)
+        _problems_if(
+            not 1 <= self.stride < self.window,
+            f"{where}.stride={self.stride} must be in [1, window - 1] (window={self.window})",
+            out,
+        )
+        _problems_if(self.batch_size < 1, f"{where}.batch_size={self.batch_size} must be >= 1", out)
+        return out
+
+
+@dataclass
+class QuantizeStageConfig:
+    """`slm quantize`: an FP8 checkpoint (compressed-tensors) of an artifact, checked and measured."""
+
+    stage: str = "quantize"  # which stage this config drives (set by the stage's YAML)
+    model_path: str = "???"  # the artifact (or any HF causal-LM folder) to quantize
+    dtype: str = "float32"  # dtype the source is loaded and evaluated in; scales are computed from these weights
+    seed: int = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
+    output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
+    overwrite: bool = False  # replace an existing output_dir
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)
+    eval: QuantEvalConfig = field(default_factory=QuantEvalConfig)
+
+    @property
+    def launcher(self) -> LauncherConfig:
+        """Quantization runs in one process; `run_stage` asks every stage for its launcher."""
+        return LauncherConfig()
+
+    def problems(self, where: str = "") -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _problems_if(not self.model_path, "model_path is empty: give the artifact folder to quantize", out)
+        _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
+        out += self.quant.problems("quant") + self.calibration.problems("calibration") + self.eval.problems("eval")
+        return out
+
+
 STAGE_SCHEMAS = {
     "teacher": TeacherStageConfig,
     "student": StudentStageConfig,
+    "quantize": QuantizeStageConfig,
 }

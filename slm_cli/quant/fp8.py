@@ -54,6 +54,7 @@ from slm_cli.errors import SlmError
 
 __all__ = [
     "BLOCK_SIZE",
+    "check_fp8_request",
     "DEFAULT_IGNORE",
     "FP8QuantError",
     "SCHEMES",
@@ -258,19 +259,19 @@ def _calibrate_input_scales(
     return seen
 
 
-def quantize_fp8(
+def check_fp8_request(
     model: torch.nn.Module,
     scheme: str = "fp8_dynamic",
     ignore: Iterable[str] | None = None,
-    calib_batches: Iterable | None = None,
-) -> torch.nn.Module:
-    """Attach an FP8 scheme to every targeted Linear and compute its scales, in place.
+    calibrated: bool = False,
+) -> tuple[QuantizationScheme, list[str]]:
+    """Every reason ``quantize_fp8`` would refuse, checked without touching the model.
 
-    Every check runs before the model is touched: a bad scheme name, an ignore entry
-    that matches nothing, an untied lm_head requirement, block shapes that do not divide
-    by 128, or a static scheme without calibration batches all raise ``FP8QuantError``
-    (a ``ValueError``). The returned model runs in fake-quantized mode (weights and
-    activations quantize→dequantize on the fly) until ``save_fp8`` compresses it.
+    A bad scheme name, an ignore entry that matches nothing, nothing left to quantize, a
+    tied lm_head that would be quantized, block shapes that do not divide by 128, or a
+    static scheme without calibration (``calibrated=False``) raise ``FP8QuantError``.
+    Stages call it before slow work (loading data, measuring the source) so a request that
+    cannot succeed fails in seconds. Returns the scheme and the resolved ignore list.
     """
     qscheme = get_scheme(scheme)
     ignore = list(DEFAULT_IGNORE if ignore is None else ignore)
@@ -289,13 +290,28 @@ def quantize_fp8(
         )
     if qscheme.weights.strategy == QuantizationStrategy.BLOCK:
         _check_block_shapes(modules, qscheme.weights.block_structure[0])
-    needs_calib = _needs_calibration(qscheme)
-    if needs_calib and calib_batches is None:
+    if _needs_calibration(qscheme) and not calibrated:
         raise FP8QuantError(
             f"quant.scheme={scheme} has static activation scales and needs calibration "
             "batches; pass calib_batches, or use quant.scheme=fp8_dynamic"
         )
+    return qscheme, ignore
 
+
+def quantize_fp8(
+    model: torch.nn.Module,
+    scheme: str = "fp8_dynamic",
+    ignore: Iterable[str] | None = None,
+    calib_batches: Iterable | None = None,
+) -> torch.nn.Module:
+    """Attach an FP8 scheme to every targeted Linear and compute its scales, in place.
+
+    Every check of ``check_fp8_request`` runs before the model is touched and raises
+    ``FP8QuantError`` (a ``ValueError``). The returned model runs in fake-quantized mode
+    (weights and activations quantize→dequantize on the fly) until ``save_fp8`` compresses it.
+    """
+    qscheme, ignore = check_fp8_request(model, scheme, ignore, calibrated=calib_batches is not None)
+    needs_calib = _needs_calibration(qscheme)
     config = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=ignore)
     apply_quantization_config(model, config, show_progress=False)
     quantized = [(name, m) for name, m in model.named_modules() if is_module_quantized(m)]

@@ -1,0 +1,238 @@
+"""`slm quantize`: an FP8 checkpoint of an artifact, in the compressed-tensors format vLLM serves.
+
+Reads top to bottom: setup (lineage check, source model, calibration and evaluation text) ->
+run (quantize, save into the staging folder, check it as vLLM would read it, measure it) ->
+save (slm.json with the source as parent, published atomically). Nothing is published when a
+check fails: the staging folder stays under `<output_dir>.work/` for inspection.
+
+Quality is judged on the saved checkpoint loaded back with `AutoModelForCausalLM.from_pretrained`
+(compressed-tensors decompresses the FP8 weights to the compute dtype), unless
+`quant.fake_quant_eval=true`, which scores an in-memory fake-quantized copy of the source instead
+(same numbers, for machines where reloading FP8 is unavailable or too slow). Perplexity is the
+sliding-window one of slm_cli/evaluate/perplexity.py on the first `eval.max_tokens` tokens of the
+test split. On a CPU, FP8 is a storage format only (matmuls are emulated), so no latency is
+reported here; speed belongs to `slm bench` on an FP8-capable GPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import hydra
+
+from slm_cli.config.schema import QuantizeStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+QUANT_REPORT_FILE = "quantization.json"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="quantize", version_base="1.3")
+def main(cfg) -> None:
+    run_stage(cfg, QuantizeStageConfig, run)
+
+
+def lineage_warnings(source_dir) -> list[str]:
+    """Why the source's recorded lineage may no longer hold: its own files or a parent's changed.
+
+    Each content hash in the source's slm.json is recomputed where that folder still exists;
+    a mismatch means the model was edited or overwritten since the stage that wrote it ran.
+    """
+    from pathlib import Path
+
+    from slm_cli import artifacts
+
+    meta = artifacts.read_metadata(source_dir, missing_ok=True)
+    if meta is None:
+        return [f"{source_dir} has no slm.json: it was not written by an slm stage, so its lineage is unknown"]
+    out = []
+    recorded = meta.get("content_hash")
+    if recorded and artifacts.content_hash(source_dir) != recorded:
+        out.append(f"{source_dir} changed since `slm {meta.get('stage')}` wrote it (content hash differs from slm.json)")
+    for p in meta.get("parents", []):
+        path, want = p.get("path"), p.get("hash")
+        if not path or not want:
+            continue
+        if not Path(path).is_dir():
+            out.append(f"parent {p.get('role')} {path} no longer exists; its hash cannot be checked")
+        elif artifacts.content_hash(path) != want:
+            out.append(f"parent {p.get('role')} {path} changed since {source_dir} was made from it (content hash differs)")
+    return out
+
+
+def split_text(source: str, split: str, seed: int) -> str:
+    """The records of one split of a data source, as one text (blocks joined by blank lines)."""
+    from slm_cli.data import load_splits
+    from slm_cli.models import example_texts
+
+    splits = load_splits(source, train_size=1, val_size=None, test_size=None, seed=seed)
+    return "\n\n".join(example_texts(splits[split]))
+
+
+def calibration_rows(text: str, tokenizer, samples: int, seq_len: int):
+    """The first samples*seq_len tokens of `text` as a (rows, seq_len) tensor of input ids."""
+    import torch
+
+    from slm_cli.errors import SlmError
+
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    rows = min(samples, len(ids) // seq_len)
+    if rows < 1:
+        raise SlmError(
+            f"the calibration text has {len(ids)} tokens, fewer than calibration.seq_len={seq_len}; "
+            "lower calibration.seq_len or choose a larger calibration.source"
+        )
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+def layer_groups(rows: list[dict]) -> list[dict]:
+    """Linear layers grouped by name with the layer index replaced by `*` (one row per kind of layer)."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        key = (re.sub(r"\.\d+\.", ".*.", r["name"]), r["quantized"], r["shape"], r["scale_shape"])
+        g = groups.setdefault(
+            key,
+            {
+                "layer": key[0],
+                "count": 0,
+                "status": "FP8" if r["quantized"] else "[yellow]kept[/yellow]",
+                "shape (out, in)": str(tuple(r["shape"])),
+                "weight": r["weight_dtype"],
+                "scale": str(tuple(r["scale_shape"])) if r["scale_shape"] is not None else "-",
+            },
+        )
+        g["count"] += 1
+    return list(groups.values())
+
+
+def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
+    import json
+    import math
+    from pathlib import Path
+
+    import torch
+
+    from slm_cli import artifacts, models, ui
+    from slm_cli.evaluate.perplexity import perplexity
+    from slm_cli.quant.checks import quantization_table, validate_fp8_checkpoint
+    from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
+    from slm_cli.quant.report import checkpoint_size_report, fake_quant_model, weight_error_report
+
+    # --- setup -------------------------------------------------------------------------------
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    ui.console.print(ui.resolved_config_panel(resolved))
+    source = Path(cfg.model_path)
+    tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
+    model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
+    # a request that cannot succeed (ignore typo, block shapes) fails before any slow work
+    check_fp8_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True)
+    for warning in lineage_warnings(source):
+        ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+    calib = None
+    if cfg.quant.scheme == "fp8_static":
+        rows = calibration_rows(
+            split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer,
+            cfg.calibration.samples, cfg.calibration.seq_len,
+        )
+        calib = list(rows.split(cfg.calibration.batch_size))
+    eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
+
+    def score(m) -> dict:
+        return perplexity(
+            m, tokenizer, eval_text, window=cfg.eval.window, stride=cfg.eval.stride,
+            max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size,
+        )
+
+    # --- run ---------------------------------------------------------------------------------
+    with ui.console.status("perplexity of the source"):
+        ppl_source = score(model) if eval_text else None
+    ppl_fp8 = None
+    if eval_text and cfg.quant.fake_quant_eval:
+        with ui.console.status("perplexity of the fake-quantized model"):
+            fake = fake_quant_model(model, cfg.quant.scheme, cfg.quant.ignore, calib)
+            ppl_fp8 = score(fake)
+            del fake
+    with ui.console.status(f"quantizing to {cfg.quant.scheme}"):
+        quantize_fp8(model, cfg.quant.scheme, cfg.quant.ignore, calib)
+    out = artifacts.begin(cfg.output_dir, cfg.overwrite)
+    save_dtype = models.torch_dtype(cfg.quant.save_dtype)
+    save_fp8(model, tokenizer, out, source_dtype=save_dtype)
+    del model
+    # vLLM's view of the files: a failure here raises and nothing is published
+    layers = validate_fp8_checkpoint(out, cfg.quant.scheme, source_dtype=save_dtype)
+    table = quantization_table(out)
+    ui.console.print(
+        ui.records_table(
+            f"{cfg.quant.scheme}: {len(layers['quantized'])} Linear layers in FP8, {len(layers['ignored'])} kept "
+            f"(quant.ignore={cfg.quant.ignore})",
+            layer_groups(table),
+            ["layer", "count", "status", "shape (out, in)", "weight", "scale"],
+        )
+    )
+    if eval_text and not cfg.quant.fake_quant_eval:
+        with ui.console.status("perplexity of the saved FP8 checkpoint, loaded back"):
+            reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
+            ppl_fp8 = score(reloaded)
+            del reloaded
+    errors = weight_error_report(source, out)
+    sizes = checkpoint_size_report(out)
+    sizes["source_bytes"] = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+
+    # --- save --------------------------------------------------------------------------------
+    by_name = {r["name"]: r for r in errors}
+    report = {
+        "scheme": cfg.quant.scheme,
+        "ignore": cfg.quant.ignore,
+        "sizes": sizes,
+        "layers": [{**r, **by_name.get(r["name"], {})} for r in table],
+    }
+    (out / QUANT_REPORT_FILE).write_text(json.dumps(report, indent=2, default=list))
+    metrics = {
+        "scheme": cfg.quant.scheme,
+        "quantized_layers": len(layers["quantized"]),
+        "ignored_layers": layers["ignored"],
+        **{k: v for k, v in sizes.items() if k != "quantized_layers"},
+        "max_rel_weight_error": max((r["max_rel_error"] for r in errors), default=0.0),
+        "mean_rel_weight_error": sum(r["mean_rel_error"] for r in errors) / max(len(errors), 1),
+        "calibration_rows": 0 if calib is None else sum(len(b) for b in calib),
+        "calibration_seq_len": cfg.calibration.seq_len if calib is not None else 0,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    if ppl_source is not None:
+        metrics.update(
+            {
+                "eval_path": "fake_quant" if cfg.quant.fake_quant_eval else "reload",
+                "eval_tokens": ppl_source["tokens"],
+                "eval_window": ppl_source["window"],
+                "eval_stride": ppl_source["stride"],
+                "perplexity_source": ppl_source["perplexity"],
+                "perplexity_fp8": ppl_fp8["perplexity"],
+                "perplexity_increase_pct": 100.0 * (ppl_fp8["perplexity"] / ppl_source["perplexity"] - 1.0),
+            }
+        )
+        if not math.isfinite(metrics["perplexity_fp8"]):
+            ui.console.print("[bold yellow]warning:[/bold yellow] the FP8 model's perplexity is not finite")
+    worst = sorted(errors, key=lambda r: r["max_rel_error"], reverse=True)[: cfg.quant.error_rows]
+    if worst:
+        ui.console.print(
+            ui.records_table(
+                f"largest weight errors ({len(worst)} of {len(errors)} layers; all in {QUANT_REPORT_FILE})",
+                worst,
+                ["name", "max_rel_error", "mean_rel_error", "rel_l2_error"],
+            )
+        )
+    artifacts.write_metadata(
+        out, stage="quantize", config=resolved, parents=[artifacts.parent("source", source)], metrics=metrics,
+        extra={"trust_remote_code": cfg.trust_remote_code},
+    )
+    final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
+    ui.console.print(ui.kv_table(f"quantize artifact: {final}", [(k, v) for k, v in ui.metric_rows(metrics)]))
+    if metrics["device"] == "cpu":
+        ui.console.print(
+            "[dim]On this CPU FP8 is a storage format: there are no FP8 matmul kernels (vLLM emulates them, far slower "
+            "than bf16), so no latency is reported. Serve it on an FP8-capable GPU (H100 class) for speed.[/dim]"
+        )
+    return metrics
