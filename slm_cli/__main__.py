@@ -17,7 +17,7 @@ from slm_cli.paths import RECIPE_DIR
 STAGES: dict[str, tuple[str | None, str]] = {
     "teacher": ("slm_cli.stages.teacher", "Fine-tune the teacher on the task (SFT, DeepSpeed)"),
     "student": ("slm_cli.stages.student", "Build a small student (config, pretrained or teacher layers) and fine-tune it"),
-    "distill": (None, "Logit and on-policy distillation from a teacher"),
+    "distill": ("slm_cli.stages.distill", "Logit and on-policy distillation from a teacher"),
     "prune": (None, "Structured pruning of heads, MLP neurons and layers (OSSCAR)"),
     "quantize": ("slm_cli.stages.quantize", "FP8 checkpoints in the compressed-tensors format vLLM reads"),
     "eval": (None, "Perplexity, exact match and AUC of any artifact"),

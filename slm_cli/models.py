@@ -45,10 +45,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "mod
 
 
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model.name_or_path"):
-    """A pretrained causal LM from a local folder or hub id, in `dtype`."""
+    """A pretrained causal LM from a local folder or hub id, in `dtype` ("auto" = as saved)."""
     _check_model_path(path, field)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto" if dtype == "auto" else torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise SlmError(f"{field}={path} could not be loaded as a causal LM: {exc}") from exc
 

@@ -215,9 +215,14 @@ class TeacherRef:
     """The teacher artifact a student or distill stage reads."""
 
     path: Optional[str] = None  # folder written by `slm teacher` (or any HF causal-LM folder)
+    dtype: str = "auto"  # dtype the frozen teacher runs in: auto (as saved) | float32 | bfloat16 | float16
 
     def problems(self, where: str) -> list[str]:
-        return []
+        out: list[str] = []
+        _problems_if(
+            self.dtype not in ("auto", *DTYPES), f"{where}.dtype={self.dtype!r}: choose auto or one of {', '.join(DTYPES)}", out
+        )
+        return out
 
 
 @dataclass
@@ -260,6 +265,12 @@ class TrainStageConfig:
         _problems_if(not self.output_dir, "output_dir is empty", out)
         for name in ("model", "data", "train", "deepspeed", "launcher"):
             out += getattr(self, name).problems(name)
+        _problems_if(
+            self.train.lora.enabled and self.deepspeed.zero_stage == 3,
+            "train.lora.enabled=true with deepspeed.zero_stage=3 is not supported (adapters are merged on one rank); "
+            "use deepspeed.zero_stage<=2",
+            out,
+        )
         return out
 
 
@@ -286,6 +297,92 @@ class StudentStageConfig(TrainStageConfig):
         _problems_if(
             self.student.init == "pretrained" and not self.model.name_or_path,
             "student.init=pretrained needs model.name_or_path=<smaller model folder or hub id>",
+            out,
+        )
+        return out
+
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+DISTILL_MODES = ("supervised", "on_policy", "sequence_level", "mixed")
+TEACHER_LOGITS = ("online", "precompute")
+
+
+@dataclass
+class DistillSettings:
+    """What the student learns from the teacher, and on whose text."""
+
+    mode: str = "supervised"  # supervised: dataset completions | on_policy: student samples | sequence_level: teacher samples | mixed
+    lambda_on_policy: float = 0.5  # mode=mixed: probability a micro-batch is on-policy, else supervised (GKD's lambda)
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | generalized_jsd | tvd | skew_forward_kl | skew_reverse_kl
+    beta: Optional[float] = None  # generalized_jsd beta (0 = forward KL, 1 = reverse KL) or skew alpha; null = default
+    kd_temperature: float = 1.0  # softens both distributions in the KD term (loss scaled by T^2); never used for sampling
+    kd_weight: float = 0.9  # loss = (1 - kd_weight) * CE(labels) + kd_weight * KD on dataset / teacher text; on-policy text is pure KD
+    gen_temperature: float = 0.9  # sampling temperature when the student (on_policy) or teacher (sequence_level) writes
+    gen_max_new_tokens: int = 32  # longest sampled completion
+    gen_top_p: float = 1.0  # nucleus sampling threshold (1 = off)
+    gen_top_k: int = 0  # top-k sampling (0 = off)
+    fused_loss: bool = True  # chunked fused-linear loss: the tokens x vocab logits never exist at once
+    chunk_size: int = 1024  # tokens per chunk of the fused loss
+    compile: bool = False  # torch.compile the fused loss's per-chunk math
+    teacher_logits: str = "online"  # online: run the teacher each step | precompute: read a top-k cache written once
+    logits_top_k: int = 64  # precompute: teacher log-probs kept per position (the rest of the mass kept as one bucket)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(self.mode not in DISTILL_MODES, f"{where}.mode={self.mode!r}: choose one of {', '.join(DISTILL_MODES)}", out)
+        _problems_if(
+            self.divergence not in DIVERGENCE_NAMES,
+            f"{where}.divergence={self.divergence!r}: choose one of {', '.join(DIVERGENCE_NAMES)}",
+            out,
+        )
+        _problems_if(self.beta is not None and not 0.0 <= self.beta <= 1.0, f"{where}.beta={self.beta} must be in [0, 1]", out)
+        _problems_if(not 0.0 <= self.lambda_on_policy <= 1.0, f"{where}.lambda_on_policy must be in [0, 1]", out)
+        _problems_if(self.kd_temperature <= 0, f"{where}.kd_temperature={self.kd_temperature} must be > 0", out)
+        _problems_if(not 0.0 <= self.kd_weight <= 1.0, f"{where}.kd_weight={self.kd_weight} must be in [0, 1]", out)
+        _problems_if(self.gen_temperature < 0, f"{where}.gen_temperature={self.gen_temperature} must be >= 0 (0 = greedy)", out)
+        _problems_if(self.gen_max_new_tokens < 1, f"{where}.gen_max_new_tokens must be >= 1", out)
+        _problems_if(not 0.0 < self.gen_top_p <= 1.0, f"{where}.gen_top_p={self.gen_top_p} must be in (0, 1]", out)
+        _problems_if(self.gen_top_k < 0, f"{where}.gen_top_k must be >= 0", out)
+        _problems_if(self.chunk_size < 1, f"{where}.chunk_size must be >= 1", out)
+        _problems_if(
+            self.teacher_logits not in TEACHER_LOGITS,
+            f"{where}.teacher_logits={self.teacher_logits!r}: choose online or precompute",
+            out,
+        )
+        _problems_if(self.logits_top_k < 1, f"{where}.logits_top_k must be >= 1", out)
+        _problems_if(
+            self.teacher_logits == "precompute" and self.mode != "supervised",
+            f"{where}.teacher_logits=precompute needs mode=supervised: on-policy text does not exist before training",
+            out,
+        )
+        return out
+
+
+@dataclass
+class DistillStudent:
+    """Where the student's weights come from."""
+
+    path: Optional[str] = None  # a student artifact (slm student / slm distill / slm prune); null = build from `model=`
+
+    def problems(self, where: str) -> list[str]:
+        return []
+
+
+@dataclass
+class DistillStageConfig(TrainStageConfig):
+    """`slm distill`: the student learns the teacher's next-token distributions."""
+
+    teacher: TeacherRef = field(default_factory=TeacherRef)
+    student: DistillStudent = field(default_factory=DistillStudent)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+
+    def problems(self, where: str = "") -> list[str]:
+        out = super().problems(where)
+        out += self.distill.problems("distill") + self.teacher.problems("teacher")
+        _problems_if(not self.teacher.path, "teacher.path is required: the teacher artifact folder to distill from", out)
+        _problems_if(
+            self.distill.mode in ("on_policy", "mixed", "sequence_level") and self.deepspeed.zero_stage == 3,
+            f"distill.mode={self.distill.mode} samples with model.generate, which slm does not run under ZeRO-3; "
+            "use deepspeed.zero_stage<=2",
             out,
         )
         return out
@@ -390,5 +487,6 @@ class QuantizeStageConfig:
 STAGE_SCHEMAS = {
     "teacher": TeacherStageConfig,
     "student": StudentStageConfig,
+    "distill": DistillStageConfig,
     "quantize": QuantizeStageConfig,
 }

@@ -175,10 +175,16 @@ def train(
     work_dir: Path,
     resume: bool,
     loss_fn: LossFn = sft_loss,
+    prepare: Callable[[dict, int], dict] | None = None,
     description: str = "train",
     progress=None,
 ) -> LoopResult:
-    """Run `tcfg.max_steps` optimizer steps; checkpoint, evaluate and log as configured."""
+    """Run `tcfg.max_steps` optimizer steps; checkpoint, evaluate and log as configured.
+
+    `prepare(batch, k)` may replace micro-batch k before its target tokens are counted (the
+    distill stage swaps in completions the student samples itself). Evaluation always uses
+    the dataset's own batches.
+    """
     ckpt_dir = Path(work_dir) / "checkpoints"
     metrics_path = Path(work_dir) / "metrics.jsonl"
     batches = MicroBatches(train_set, tcfg.micro_batch_size, seed, collate)
@@ -209,13 +215,18 @@ def train(
         for step in range(start_step, tcfg.max_steps):
             t0 = time.perf_counter()
             micro = [_to_device(batches(step * ga + j), engine.device) for j in range(ga)]
+            if prepare is not None:
+                micro = [prepare(b, step * ga + j) for j, b in enumerate(micro)]
             n_target = dist.all_reduce_sum(torch.tensor(float(sum(target_tokens(b) for b in micro))))
             n_target = max(float(n_target), 1.0)
             step_sum = torch.zeros(1, dtype=torch.float64)
             parts_sum: dict[str, float] = {}
-            for batch in micro:
+            grad_norm = float("nan")
+            for j, batch in enumerate(micro):
                 loss_sum, parts = loss_fn(engine, batch)
                 engine.backward(loss_sum / n_target * ga * world)
+                if j == ga - 1:
+                    grad_norm = _grad_norm(engine)
                 engine.step()
                 step_sum += float(loss_sum.detach())
                 for k, v in parts.items():
@@ -229,7 +240,7 @@ def train(
                 "step": step + 1,
                 "loss": float(step_sum) / n_target,
                 "lr": lr,
-                "grad_norm": _grad_norm(engine),
+                "grad_norm": _grad_norm(engine, after_step=True) if math.isnan(grad_norm) else grad_norm,
                 "tokens": step_tokens,
                 "tokens_per_s": step_tokens / dt if dt > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - t_start,
@@ -278,11 +289,21 @@ def _reduce_float(v: float) -> float:
     return float(dist.all_reduce_sum(torch.tensor(v, dtype=torch.float64)))
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
+def _grad_norm(engine, after_step: bool = False) -> float:
+    """Gradient norm of the step (before clipping).
+
+    ZeRO 1-3 report it after `engine.step()`; with ZeRO-0 and a torch optimizer DeepSpeed does not,
+    so it is computed from the gradients just before the optimizer step.
+    """
+    if after_step:
+        norm = engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+    if engine.zero_optimization_stage() > 0:
         return float("nan")
-    return float(norm)
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return float("nan")
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 def _main_thread() -> bool:

@@ -11,7 +11,15 @@ from slm_cli.paths import CONFIG_DIR, RECIPE_DIR
 
 # values that configs leave for the user to fill (`???`)
 REQUIRED = {"model": ["model.name_or_path=/models/x"], "data": ["data.source=/data/train.jsonl"]}
-GROUPS = ["model", "data", "train", "deepspeed", "launcher"]
+STAGE_REQUIRED = {"student": ["teacher.path=/models/teacher"], "distill": ["teacher.path=/models/teacher"]}
+
+
+def _groups(stage: str) -> list[str]:
+    """The config groups a stage's primary config composes (its defaults list)."""
+    import yaml
+
+    defaults = yaml.safe_load((CONFIG_DIR / f"{stage}.yaml").read_text()).get("defaults", [])
+    return [next(iter(d)) for d in defaults if isinstance(d, dict) and next(iter(d)) != "hydra"]
 
 
 def _compose(config_dir: Path, name: str, overrides: list[str]) -> dict:
@@ -23,16 +31,14 @@ def _compose(config_dir: Path, name: str, overrides: list[str]) -> dict:
 
 def _cases():
     for stage in STAGE_SCHEMAS:
-        for group in GROUPS:
+        for group in _groups(stage):
             for option in sorted((CONFIG_DIR / group).glob("*.yaml")):
                 yield stage, group, option.stem
 
 
 @pytest.mark.parametrize("stage,group,option", list(_cases()))
 def test_group_option_composes_and_validates(stage, group, option):
-    overrides = [f"{group}={option}", *REQUIRED.get(group, [])]
-    if stage == "student":
-        overrides.append("teacher.path=/models/teacher")
+    overrides = [f"{group}={option}", *REQUIRED.get(group, []), *STAGE_REQUIRED.get(stage, [])]
     values = _compose(CONFIG_DIR, stage, overrides)
     validate(values, STAGE_SCHEMAS[stage])
 
@@ -43,8 +49,7 @@ def test_stage_recipe_composes_and_validates(recipe):
     if stage not in STAGE_SCHEMAS:
         pytest.skip(f"stage {stage} is validated by its own tests")
     overrides = ["model.name_or_path=/models/x"] if "override /model: hf" in recipe.read_text() else []
-    if stage == "student":
-        overrides.append("teacher.path=/models/teacher")
+    overrides += STAGE_REQUIRED.get(stage, [])
     values = _compose(recipe.parent, recipe.stem, overrides)
     validate(values, STAGE_SCHEMAS[stage])
 

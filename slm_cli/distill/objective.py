@@ -1,0 +1,89 @@
+"""The distillation objective the training loop calls: student and teacher forward, then the loss.
+
+By default (`distill.fused_loss=true`) only the two models' last hidden states are computed;
+`fused_linear_distillation_loss` applies each lm_head chunk by chunk, so the tokens x vocab
+logits of neither model exist at once. Under ZeRO-3 the student's lm_head weight is sharded
+across ranks and only whole during its own forward, so slm falls back to the plain logits
+path there.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from slm_cli.distill.losses import distillation_loss, fused_linear_distillation_loss
+from slm_cli.distill.sampler import completion_batch, sample_completions, split_prompts
+
+
+def causal_lm_parts(module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone returning hidden states, lm_head) of an HF causal LM, PEFT-wrapped or not."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return base.model, base.lm_head
+
+
+class KDObjective:
+    """loss_fn(engine, batch) -> (summed loss, parts) for slm_cli.engine.loop.train."""
+
+    def __init__(self, teacher, settings, vocab_size: int, fused: bool):
+        self.teacher, self.s, self.vocab_size, self.fused = teacher, settings, vocab_size, fused
+
+    def _loss_kwargs(self, batch: dict) -> dict:
+        # Text the student wrote itself has no "right answer" to imitate: pure KD there.
+        kd_weight = 1.0 if batch.get("on_policy") else self.s.kd_weight
+        return dict(
+            divergence=self.s.divergence, beta=self.s.beta, kd_temperature=self.s.kd_temperature, kd_weight=kd_weight,
+            reduction="sum", vocab_size=self.vocab_size,
+        )
+
+    def __call__(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = batch["labels"][:, 1:]
+        if self.fused:
+            backbone, head = causal_lm_parts(engine.module)
+            h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            with torch.no_grad():
+                t_backbone, t_head = causal_lm_parts(self.teacher)
+                ht = t_backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            loss, parts = fused_linear_distillation_loss(
+                h.reshape(-1, h.size(-1)), head.weight, ht.reshape(-1, ht.size(-1)), t_head.weight, labels.reshape(-1),
+                chunk_size=self.s.chunk_size, compile=self.s.compile, **self._loss_kwargs(batch),
+            )
+        else:
+            s_logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            loss, parts = distillation_loss(s_logits, t_logits, labels, **self._loss_kwargs(batch))
+        return loss, {"kd": parts["kd"], "ce": parts["ce"]}
+
+
+def make_prepare(mode: str, settings, *, student_engine, teacher, pad_id: int, eos_id: int, seed: int) -> Callable | None:
+    """The loop's `prepare` hook for a distillation mode: swaps dataset completions for sampled ones.
+
+    supervised: None (train on the dataset). on_policy: the student writes. sequence_level: the
+    teacher writes. mixed: micro-batch k is on-policy with probability `lambda_on_policy`, drawn
+    from a generator seeded by (seed, k) so a resumed run makes the same choices.
+    """
+    if mode == "supervised":
+        return None
+
+    def write(batch: dict, writer, on_policy: bool) -> dict:
+        prompts = split_prompts(batch)
+        completions = sample_completions(
+            writer, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=settings.gen_max_new_tokens,
+            temperature=settings.gen_temperature, top_p=settings.gen_top_p, top_k=settings.gen_top_k,
+        )
+        out = completion_batch(prompts, completions, pad_id, batch["input_ids"].device)
+        out["on_policy"] = on_policy
+        return out
+
+    def prepare(batch: dict, k: int) -> dict:
+        if mode == "sequence_level":
+            return write(batch, teacher, on_policy=False)
+        if mode == "mixed" and random.Random(seed * 1_000_003 + k).random() >= settings.lambda_on_policy:
+            return batch
+        return write(batch, student_engine.module, on_policy=True)
+
+    return prepare

@@ -1,0 +1,89 @@
+"""On-policy and sequence-level text: a model writes the completions the student is trained on.
+
+On-policy distillation (GKD, Agarwal et al. 2024; the paper's stage 2) closes the gap between
+training on the dataset's completions and serving, where the student conditions on its own
+earlier tokens: the student samples a completion for each prompt, the teacher scores every
+token of it, and the student moves toward the teacher's distribution at exactly the prefixes
+it produces itself. Sequence-level KD (Kim & Rush 2016) is the same with the teacher writing.
+
+The prompt of a training row is everything before its first target token, so any dataset the
+SFT stages read (prompt/completion or chat) feeds on-policy distillation unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def split_prompts(batch: dict) -> list[list[int]]:
+    """The prompt of each right-padded row: the tokens before its first target (label != -100)."""
+    prompts = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        targets = (labels != IGNORE_INDEX).nonzero()
+        # labels are aligned with input_ids, so the first target token itself is not prompt
+        end = int(targets[0]) if len(targets) else int(batch["attention_mask"][len(prompts)].sum())
+        prompts.append(ids[:end].tolist())
+    return prompts
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> list[list[int]]:
+    """One completion per prompt from `model` (batched, KV cache), cut after its first EOS.
+
+    `temperature` is the sampling temperature (`gen_temperature`); 0 means greedy. A completion
+    that ends without EOS is kept as written (it hit `max_new_tokens`); one that is empty gets
+    the EOS token, so every row has at least one token to learn from.
+    """
+    was_training = model.training
+    model.eval()
+    ids, mask = _left_pad(prompts, pad_id, next(model.parameters()).device)
+    kwargs = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+        use_cache=True, **kwargs,
+    )
+    if was_training:
+        model.train()
+    completions = []
+    for row in out[:, ids.shape[1]:].tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        completions.append(row or [eos_id])
+    return completions
+
+
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict:
+    """Right-padded training rows prompt + completion, with targets on the completion only."""
+    rows = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        labels[i, len(p):n] = torch.tensor(c, dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

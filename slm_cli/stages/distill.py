@@ -1,0 +1,133 @@
+"""`slm distill`: the student learns the teacher's next-token distributions.
+
+Modes (`distill.mode`): `supervised` (KD on the dataset's completions; with kd_weight < 1 mixed
+with cross-entropy on them), `on_policy` (the student samples completions, the teacher scores
+every token), `sequence_level` (the teacher samples), `mixed` (GKD's lambda: a fraction of
+micro-batches on-policy). The paper's recipe runs supervised first, then on-policy from that
+artifact: `recipes/distill/`. Setup -> run -> save, top to bottom, like the other stages.
+"""
+
+from __future__ import annotations
+
+import hydra
+
+from slm_cli.config.schema import DistillStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="distill", version_base="1.3")
+def main(cfg) -> None:
+    run_stage(cfg, DistillStageConfig, run)
+
+
+def run(cfg: DistillStageConfig, resolved: dict) -> dict:
+    import json
+    from dataclasses import asdict
+    from functools import partial
+
+    from slm_cli import artifacts, models, ui
+    from slm_cli.data import load_splits
+    from slm_cli.data.tokenize import collate, encode_dataset
+    from slm_cli.distill.losses import check_vocab
+    from slm_cli.distill.objective import KDObjective, make_prepare
+    from slm_cli.engine import distributed as dist
+    from slm_cli.engine import loop
+    from slm_cli.engine.logging import quiet_libraries
+    from slm_cli.errors import SlmError
+
+    # --- setup -------------------------------------------------------------------------------
+    if cfg.distill.teacher_logits == "precompute":
+        raise SlmError("distill.teacher_logits=precompute is not available in this version; use teacher_logits=online.")
+    quiet_libraries()
+    dist.setup_env()
+    loop.seed_everything(cfg.seed)
+    if dist.is_main():
+        ui.console.print(ui.resolved_config_panel(resolved))
+    splits = load_splits(
+        cfg.data.source,
+        train_size=cfg.data.train_size,
+        val_size=cfg.data.val_size,
+        test_size=cfg.data.test_size,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+    )
+    teacher_tok = models.load_tokenizer(cfg.teacher.path, cfg.model.trust_remote_code, field="teacher.path")
+    teacher = models.load_model(cfg.teacher.path, cfg.teacher.dtype, cfg.model.trust_remote_code, field="teacher.path")
+    teacher.requires_grad_(False).eval()
+    if cfg.student.path:
+        tokenizer = models.load_tokenizer(cfg.student.path, cfg.model.trust_remote_code, field="student.path")
+        model = models.load_model(cfg.student.path, cfg.model.dtype, cfg.model.trust_remote_code, field="student.path")
+    else:
+        tokenizer = teacher_tok
+        model = models.build_model(cfg.model, tokenizer)
+    if not models.tokenizers_match(tokenizer, teacher_tok):
+        raise SlmError(
+            f"student tokenizer ({len(tokenizer)} tokens, student.path={cfg.student.path}) differs from the teacher's "
+            f"({len(teacher_tok)} tokens, teacher.path={cfg.teacher.path}); token-level distillation needs one vocabulary."
+        )
+    try:
+        vocab_size = check_vocab(model.config.vocab_size, teacher.config.vocab_size, len(tokenizer), len(teacher_tok))
+    except ValueError as exc:
+        raise SlmError(f"student and teacher vocabularies do not fit together: {exc}") from exc
+    if cfg.train.lora.enabled:
+        model = models.apply_lora(model, cfg.train.lora)
+    train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
+    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len)
+    batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
+    teacher.to(engine.device)
+    objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss and cfg.deepspeed.zero_stage < 3)
+    prepare = make_prepare(
+        cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
+        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
+    )
+    out = artifacts.staging_dir(cfg.output_dir) if dist.is_main() else None
+    if dist.is_main():
+        artifacts.begin(cfg.output_dir, cfg.overwrite)
+        ui.console.print(ui.setup_table(f"distill ({cfg.distill.mode}, {cfg.distill.divergence})", model, tokenizer,
+                                        train_stats, len(val_set), ds_config))
+
+    # --- run ---------------------------------------------------------------------------------
+    with ui.training_progress(dist.is_main()) as progress:
+        result = loop.train(
+            engine,
+            train_set=train_set,
+            val_set=val_set,
+            collate=batch_fn,
+            tcfg=cfg.train,
+            seed=cfg.seed,
+            work_dir=artifacts.work_dir(cfg.output_dir),
+            resume=cfg.resume,
+            loss_fn=objective,
+            prepare=prepare,
+            description=f"distill {cfg.distill.mode}",
+            progress=progress,
+        )
+
+    # --- save --------------------------------------------------------------------------------
+    state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
+    if not dist.is_main():
+        dist.barrier()
+        return result.metrics
+    to_save = engine.module
+    if cfg.train.lora.enabled and cfg.train.lora.merge:
+        to_save, state_dict = to_save.merge_and_unload(), None
+    elif cfg.train.lora.enabled:
+        to_save.save_pretrained(out / "adapter")
+        to_save, state_dict = to_save.get_base_model(), None
+    models.save_model(to_save, tokenizer, out, state_dict=state_dict)
+    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    (out / "metrics.jsonl").write_text((artifacts.work_dir(cfg.output_dir) / "metrics.jsonl").read_text())
+    metrics = {**result.metrics, "params": models.count_params(to_save), "data": asdict(train_stats)}
+    parents = [artifacts.parent("teacher", cfg.teacher.path)]
+    if cfg.student.path:
+        parents.append(artifacts.parent("student", cfg.student.path))
+    artifacts.write_metadata(
+        out, stage="distill", config=resolved, parents=parents, metrics=metrics,
+        extra={"trust_remote_code": cfg.model.trust_remote_code, "mode": cfg.distill.mode},
+    )
+    final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
+    ui.console.print(ui.kv_table(f"distill artifact: {final}", ui.metric_rows(metrics)))
+    dist.barrier()
+    return metrics
