@@ -372,11 +372,12 @@ def _grad_generalized_jsd(
         return _grad_forward_kl(log_q, q, log_p, beta, scale)
     if beta == 1.0:
         return _grad_reverse_kl(log_q, q, log_p, beta, scale)
+    # Four [c, V] buffers in all (log_q, q, and two scratch: log_p -> log m, p -> diff).
     p = log_p.exp()
-    log_m = _safe_log(torch.add(q, p, alpha=beta / (1.0 - beta)).mul_(1.0 - beta))
-    kl_pm = _rowdot(p, log_p.sub_(log_m))
+    p_log_p = _rowdot(p, log_p)
+    log_m = _safe_log(torch.add(q, p, alpha=beta / (1.0 - beta), out=log_p).mul_(1.0 - beta))
+    kl_pm = p_log_p - _rowdot(p, log_m)
     diff = torch.sub(log_q, log_m, out=p)
-    del log_m
     kl_qm = _rowdot(q, diff)
     value = kl_pm / (1.0 - beta) + kl_qm / beta
     return value, diff.sub_(kl_qm.unsqueeze(1)).mul_(q).mul_(scale / beta)
