@@ -176,6 +176,7 @@ def fake_quant_model(
     ignore: Iterable[str] | None = None,
     calib_batches: Iterable | None = None,
     inplace: bool = False,
+    storage_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """A float model that computes what the FP8 checkpoint computes.
 
@@ -184,6 +185,11 @@ def fake_quant_model(
     its forward still fake-quantizes input activations (per token for fp8_dynamic, per
     128-group for fp8_block, with the calibrated per-tensor scale for fp8_static; not at
     all for fp8_weight_only). Works on a copy unless ``inplace``.
+
+    With ``storage_dtype`` (what ``save_fp8``'s ``source_dtype`` stores: bf16 by default),
+    every floating tensor that stays unquantized (embeddings, norms, ignored layers) is
+    rounded through that dtype and back, as saving and reloading the checkpoint rounds it;
+    without it they keep the source's full precision.
     """
     fq = model if inplace else copy.deepcopy(model)
     quantize_fp8(fq, scheme, ignore, calib_batches)
@@ -197,6 +203,12 @@ def fake_quant_model(
             module.quantization_scheme.weights,
         ).to(module.weight.dtype)
         module.quantization_status = QuantizationStatus.DECOMPRESSED
+    if storage_dtype is not None:
+        for module in fq.modules():
+            quantized = is_module_quantized(module)
+            for pname, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and not (quantized and (pname == "weight" or pname.endswith("_scale"))):
+                    param.data = param.data.to(storage_dtype).to(param.dtype)
     return fq
 
 

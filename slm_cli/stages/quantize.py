@@ -152,7 +152,9 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     ppl_fp8 = None
     if eval_text and cfg.quant.fake_quant_eval:
         with ui.console.status("perplexity of the fake-quantized model"):
-            fake = fake_quant_model(model, cfg.quant.scheme, cfg.quant.ignore, calib)
+            fake = fake_quant_model(
+                model, cfg.quant.scheme, cfg.quant.ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype)
+            )
             ppl_fp8 = score(fake)
             del fake
     with ui.console.status(f"quantizing to {cfg.quant.scheme}"):

@@ -232,3 +232,25 @@ def test_validate_lists_every_problem(source_dir, tmp_path):
     assert "2 problem(s)" in msg
     assert "model.layers.1.self_attn.o_proj.weight_scale is missing" in msg
     assert "format is 'dense', expected 'float-quantized'" in msg
+
+
+def test_config_schema_lists_exactly_the_library_schemes():
+    from slm_cli.config.schema import FP8_SCHEMES
+
+    assert set(FP8_SCHEMES) == set(SCHEMES)
+
+
+def test_check_fp8_request_refuses_without_touching_the_model():
+    from slm_cli.quant.fp8 import check_fp8_request
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FP8QuantError, match=r"k_proj \(out=64, in=128\)"):
+        check_fp8_request(model, "fp8_block", ["lm_head"])
+    with pytest.raises(FP8QuantError, match="needs calibration"):
+        check_fp8_request(model, "fp8_static")
+    scheme, ignore = check_fp8_request(model, "fp8_block", BLOCK_IGNORE)
+    assert scheme.weights.block_structure == [128, 128] and ignore == BLOCK_IGNORE
+    assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

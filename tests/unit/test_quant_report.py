@@ -161,3 +161,18 @@ def test_compare_reload_reports_the_gap(source_dir, fp8_dirs):
     assert same["same_argmax_fraction"] == 1.0
     dense = compare_reload(fp8_dirs["fp8_dynamic"], load(source_dir), ids)
     assert 0 < dense["rel_logit_gap"] < 0.2
+
+
+def test_fake_quant_with_storage_dtype_computes_what_the_fp32_source_checkpoint_computes(tmp_path):
+    """An fp32 source saved with bf16 embeddings/norms: only the storage-rounded fake model matches the reload."""
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(tiny_config()).eval()
+    out = tmp_path / "fp8"
+    copy = LlamaForCausalLM(tiny_config()).eval()
+    copy.load_state_dict(source.state_dict())
+    save_fp8(quantize_fp8(copy, "fp8_dynamic"), None, out)  # unquantized tensors stored as bf16
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    rounded = compare_reload(out, fake_quant_model(source, "fp8_dynamic", storage_dtype=torch.bfloat16), ids, torch.float32)
+    full = compare_reload(out, fake_quant_model(source, "fp8_dynamic"), ids, torch.float32)
+    assert rounded["reloaded_weight_dtype"] == "float32"
+    assert rounded["max_abs_logit_gap"] < 1e-5 < full["max_abs_logit_gap"]
