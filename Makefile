@@ -27,10 +27,8 @@ setup: $(VENV)/.installed ## create .venv and install slm with its dependencies
 ops: setup ## build DeepSpeed's CPU ops once (cached in ~/.cache/torch_extensions)
 	$(PY) -m slm_cli.engine.ops
 
-demo: setup ## the main job end to end on the built-in task: teacher -> student, then a table of artifacts
-	$(SLM) teacher model=tiny-llama data=arithmetic train.max_steps=150 output_dir=$(DEMO_DIR)/teacher overwrite=true hydra.run.dir=$(DEMO_DIR)/logs/teacher
-	$(SLM) student teacher.path=$(DEMO_DIR)/teacher model=tiny-llama-student data=arithmetic train.max_steps=150 output_dir=$(DEMO_DIR)/student overwrite=true hydra.run.dir=$(DEMO_DIR)/logs/student
-	$(PY) -m slm_cli.summary $(DEMO_DIR)/teacher $(DEMO_DIR)/student
+demo: setup ## the main job end to end (recipes/quickstart.yaml); a second run skips finished stages
+	$(SLM) run recipe=quickstart output_root=$(DEMO_DIR)
 
 test: setup ops ## run the test suite (fast tests; slow, GPU and benchmarks are marked off)
 	$(PY) -m pytest -q

@@ -20,9 +20,9 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "distill": ("slm_cli.stages.distill", "Logit and on-policy distillation from a teacher"),
     "prune": (None, "Structured pruning of heads, MLP neurons and layers (OSSCAR)"),
     "quantize": ("slm_cli.stages.quantize", "FP8 checkpoints in the compressed-tensors format vLLM reads"),
-    "eval": (None, "Perplexity, exact match and AUC of any artifact"),
+    "eval": ("slm_cli.stages.eval", "Perplexity, exact match and AUC of any artifact"),
     "bench": (None, "Latency, throughput and memory of artifacts"),
-    "run": (None, "Run a multi-stage pipeline recipe"),
+    "run": ("slm_cli.stages.run", "Run a multi-stage pipeline recipe, skipping stages already done"),
 }
 
 
@@ -48,8 +48,14 @@ def print_overview() -> None:
     recipes = Table(title="shipped recipes (recipes/)", title_justify="left")
     recipes.add_column("recipe", style="bold green")
     recipes.add_column("description")
+    recipes.add_column("use with")
     for path in sorted(RECIPE_DIR.rglob("*.yaml")) if RECIPE_DIR.exists() else []:
-        recipes.add_row(str(path.relative_to(RECIPE_DIR).with_suffix("")), _first_comment(path))
+        name = str(path.relative_to(RECIPE_DIR).with_suffix(""))
+        if "stages:" in path.read_text():  # a pipeline
+            use = f"slm run recipe={name}"
+        else:
+            use = f"slm {path.parent.name} recipe={path.stem}"
+        recipes.add_row(name, _first_comment(path), use)
     console.print(recipes)
     console.print("usage: slm <stage> [key=value ...] [-m] [--cfg job] [--help]")
 

@@ -54,15 +54,17 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
     try:
         values = resolved_dict(cfg)
         typed = validate(values, schema, source=f"config of `slm {values.get('stage', '?')}`")
-        out = Path(typed.output_dir)
-        if out.exists() and not typed.overwrite and not is_worker():
+        output_dir = getattr(typed, "output_dir", None)
+        if output_dir and Path(output_dir).exists() and not typed.overwrite and not is_worker():
             raise SlmError(
-                f"output_dir {out} already exists. Choose another output_dir=..., or pass overwrite=true to replace it."
+                f"output_dir {output_dir} already exists. Choose another output_dir=..., or pass overwrite=true to replace it."
             )
-        from slm_cli.engine.launcher import needs_relaunch, relaunch
+        launcher = getattr(typed, "launcher", None)  # stages that do not train run in one process
+        if launcher is not None and not is_worker():
+            from slm_cli.engine.launcher import needs_relaunch, relaunch
 
-        if needs_relaunch(typed.launcher) and not is_worker():
-            sys.exit(relaunch(typed, values))
+            if needs_relaunch(launcher):
+                sys.exit(relaunch(typed, values))
         return work(typed, values)
     except _user_error_types() as exc:
         fail(str(exc))

@@ -27,6 +27,13 @@ def _type_name(tp: Any) -> str:
     if origin is Union:
         args = [a for a in get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is dict:
+        _, inner = get_args(tp) or (str, Any)
+        if not isinstance(value, dict):
+            problems.append(f"{key}={value!r} must be a mapping, e.g. {key}={{name: value}}")
+            return _BAD
+        items = {k: _coerce(v, inner, f"{key}.{k}", problems) for k, v in value.items()}
+        return _BAD if any(v is _BAD for v in items.values()) else items
     if origin is list:
         (inner,) = get_args(tp) or (Any,)
         return f"list of {_type_name(inner)}"
@@ -50,6 +57,13 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key} must be a group of settings, got {value!r}")
             return _BAD
         return _build(tp, value, key, problems)
+    if origin is dict:
+        _, inner = get_args(tp) or (str, Any)
+        if not isinstance(value, dict):
+            problems.append(f"{key}={value!r} must be a mapping, e.g. {key}={{name: value}}")
+            return _BAD
+        items = {k: _coerce(v, inner, f"{key}.{k}", problems) for k, v in value.items()}
+        return _BAD if any(v is _BAD for v in items.values()) else items
     if origin is list:
         (inner,) = get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):

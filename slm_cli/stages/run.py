@@ -1,0 +1,89 @@
+"""`slm run recipe=<name>`: run a pipeline recipe's stages in order.
+
+Each stage runs as its own `slm <stage>` process (so each gets its own DeepSpeed launch, as
+configured), reading earlier artifacts and writing <output_root>/<name>. Stages already done
+with the same config and inputs are skipped; `force=true` redoes them. A failing stage stops
+the run with its exit code; every artifact finished before it stays as it was.
+"""
+
+from __future__ import annotations
+
+import hydra
+
+from slm_cli.config.schema import RunStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="run", version_base="1.3")
+def main(cfg) -> None:
+    run_stage(cfg, RunStageConfig, run)
+
+
+def run(cfg: RunStageConfig, resolved: dict) -> dict:
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from slm_cli import pipeline, ui
+    from slm_cli.__main__ import STAGES
+    from slm_cli.artifacts import content_hash
+    from slm_cli.engine.launcher import RENDEZVOUS_VARS
+    from slm_cli.errors import SlmError
+    from slm_cli.paths import RECIPE_DIR
+    from slm_cli.summary import artifact_rows
+
+    # --- setup -------------------------------------------------------------------------------
+    available = {s for s, (module, _) in STAGES.items() if module and s != "run"}
+    recipe = pipeline.load_recipe(pipeline.find_recipe(cfg.recipe, RECIPE_DIR), available)
+    root = Path(cfg.output_root or recipe.output_root)
+    given = {**recipe.inputs, **{k: v for k, v in cfg.inputs.items() if v is not None}}
+    needed = {src for spec in recipe.stages for src in spec.inputs.values() if src in recipe.inputs}
+    missing = sorted(n for n in needed if not given.get(n))
+    if missing:
+        raise SlmError(f"recipe {cfg.recipe} needs " + ", ".join(f"inputs.{n}=<artifact folder>" for n in missing) + ".")
+    for n in needed:
+        if not Path(given[n]).is_dir():
+            raise SlmError(f"inputs.{n}={given[n]}: no such artifact folder.")
+    state = pipeline.read_state(root)
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    ui.console.print(f"[bold]pipeline[/bold] {recipe.path} -> {root} ({len(recipe.stages)} stages)")
+
+    # --- run ---------------------------------------------------------------------------------
+    outputs: dict[str, Path] = {n: Path(p) for n, p in given.items() if p}
+    summary = []
+    for spec in recipe.stages:
+        out = root / spec.name
+        sources = {key: outputs[src] for key, src in spec.inputs.items()}
+        key = pipeline.run_key(spec, {k: content_hash(p) for k, p in sources.items()})
+        if not cfg.force and pipeline.is_done(state, spec.name, key, out):
+            ui.console.print(f"[green]✓[/green] {spec.name} ({spec.stage}): up to date, skipped")
+            summary.append({"stage": spec.name, "runs": spec.stage, "status": "skipped", "seconds": 0.0})
+            outputs[spec.name] = out
+            continue
+        cmd = [sys.executable, "-m", "slm_cli", spec.stage, *spec.overrides,
+               *(f"{k}={Path(p).resolve()}" for k, p in sources.items()),
+               f"output_dir={out.resolve()}", f"hydra.run.dir={(root / 'logs' / spec.name).resolve()}", "overwrite=true"]
+        ui.console.rule(f"{spec.name}: slm {spec.stage}")
+        t0 = time.perf_counter()
+        code = subprocess.call(cmd, env=env)
+        seconds = time.perf_counter() - t0
+        if code != 0:
+            done = [s["stage"] for s in summary]
+            raise SlmError(
+                f"stage {spec.name!r} (slm {spec.stage}) failed with exit code {code} after {seconds:.0f}s. "
+                f"Finished artifacts are kept ({', '.join(done) or 'none'}); fix the cause and run the same "
+                f"`slm run recipe={cfg.recipe}` again to continue from {spec.name!r}."
+            )
+        state[spec.name] = {"key": key, "content_hash": content_hash(out), "output": str(out), "stage": spec.stage}
+        pipeline.write_state(root, state)
+        outputs[spec.name] = out
+        summary.append({"stage": spec.name, "runs": spec.stage, "status": "ran", "seconds": round(seconds, 1)})
+
+    # --- save --------------------------------------------------------------------------------
+    ui.console.print(ui.records_table(f"pipeline {cfg.recipe}", summary, ["stage", "runs", "status", "seconds"]))
+    rows = artifact_rows([str(outputs[s.name]) for s in recipe.stages])
+    ui.console.print(ui.records_table("artifacts", rows, list(rows[0])))
+    return {"stages": summary}
