@@ -246,7 +246,10 @@ def convert_gguf(gguf_path: str | Path, target: str | Path, source_name: str | N
             "params": sum(p.numel() for p in model.parameters()),
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is meant to be shared like any folder
+        # mkdtemp makes 0700 and some writers 0600; the cache is meant to be shared like any folder
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if target.exists() and not _is_converted(target):
             shutil.rmtree(target)  # an older conversion version
         try:

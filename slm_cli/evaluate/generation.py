@@ -19,7 +19,7 @@ Generation is greedy (argmax, deterministic), batched, with the KV cache: prompt
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -87,9 +87,17 @@ class StopOnText(StoppingCriteria):
 
 @torch.no_grad()
 def greedy_generate(
-    model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int, stop: Sequence[str] = DEFAULT_STOP
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = DEFAULT_STOP,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy continuations of token-id `prompts`, `batch_size` at a time, cut at EOS and at `stop`."""
+    """Greedy continuations of token-id `prompts`, `batch_size` at a time, cut at EOS and at `stop`.
+
+    `progress(done, total)` is called after each batch with prompts done so far."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -110,6 +118,8 @@ def greedy_generate(
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         out += [cut_at_stop(t, stop) for t in texts]
+        if progress is not None:
+            progress(len(out), len(prompts))
     model.train(was_training)
     return out
 
@@ -125,6 +135,7 @@ def exact_match(
     shots: list[dict] | None = None,
     stop: Sequence[str] = DEFAULT_STOP,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Share of `examples` whose greedy generation the task scores as right.
 
@@ -140,7 +151,7 @@ def exact_match(
         shots = task.examples("train", few_shot, seed)
     shots = list(shots or [])[:few_shot] if few_shot else []
     prompts = [prompt_ids(few_shot_prompt(ex, shots), tokenizer) for ex in examples]
-    generations = greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, stop)
+    generations = greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, stop, progress)
     predictions = []
     for ex, gen in zip(examples, generations):
         predictions.append(

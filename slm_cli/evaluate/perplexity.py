@@ -21,6 +21,7 @@ With window >= N there is one window and the result is the full-context perplexi
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +60,21 @@ def token_nll(model, input_ids: torch.Tensor, n_targets: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, window: int, stride: int, max_tokens: int | None = None, batch_size: int = 4) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    window: int,
+    stride: int,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Sliding-window perplexity of `model` on `text` (see the module docstring for window/stride).
 
     The text is tokenized as the tokenizer does by default (with its BOS, if it adds one) and cut
     to its first `max_tokens` tokens when given. Windows of equal length run `batch_size` at a time.
+    `progress(done, total)` is called after each batch with windows done so far.
     Returns perplexity, mean nll (nats/token), tokens scored, windows, window, stride.
     """
     ids = list(tokenizer(text, verbose=False)["input_ids"])
@@ -75,7 +86,7 @@ def perplexity(model, tokenizer, text: str, window: int, stride: int, max_tokens
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
     # Windows with the same input length and number of targets batch together (all but the first
     # and the last, usually).
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -87,6 +98,9 @@ def perplexity(model, tokenizer, text: str, window: int, stride: int, max_tokens
             nll = token_nll(model, batch, n_targets)
             total += float(nll.sum())
             count += nll.numel()
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(windows))
     model.train(was_training)
     mean_nll = total / count
     return {

@@ -13,7 +13,7 @@ Unlike exact match, no generation is needed and a model that is right but unsure
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,17 @@ from slm_cli.evaluate.metrics import accuracy, roc_auc
 
 
 @torch.no_grad()
-def completion_logprobs(model, tokenizer, prompts: list[list[int]], completions: list[list[int]], batch_size: int) -> list[float]:
-    """log p(completion | prompt) for each pair: the sum over the completion's tokens."""
+def completion_logprobs(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[float]:
+    """log p(completion | prompt) for each pair: the sum over the completion's tokens.
+
+    `progress(done, total)` is called after each batch with pairs done so far."""
     if len(prompts) != len(completions):
         raise ValueError("completion_logprobs needs one completion per prompt.")
     device = next(model.parameters()).device
@@ -39,11 +48,20 @@ def completion_logprobs(model, tokenizer, prompts: list[list[int]], completions:
         labels = batch["labels"][:, 1:]
         logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
         out += (logp * (labels != IGNORE_INDEX)).sum(dim=1).tolist()
+        if progress is not None:
+            progress(len(out), len(items))
     model.train(was_training)
     return out
 
 
-def yes_no_auc(model, tokenizer, examples: list[dict], batch_size: int = 16, choices: Sequence[str] = (" Yes", " No")) -> dict:
+def yes_no_auc(
+    model,
+    tokenizer,
+    examples: list[dict],
+    batch_size: int = 16,
+    choices: Sequence[str] = (" Yes", " No"),
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """AUC and accuracy of log p(choices[0]) - log p(choices[1]) against each example's `label` (1/0).
 
     Returns auc, accuracy, yes_rate (share predicted choices[0]), n, positives and `scores`.
@@ -52,7 +70,7 @@ def yes_no_auc(model, tokenizer, examples: list[dict], batch_size: int = 16, cho
         raise ValueError("yes_no_auc needs a 0/1 `label` in every example (a predictive task such as arithmetic_yesno).")
     yes, no = (list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
     prompts = [prompt_ids(ex, tokenizer) for ex in examples]
-    logp = completion_logprobs(model, tokenizer, prompts + prompts, [yes] * len(prompts) + [no] * len(prompts), batch_size)
+    logp = completion_logprobs(model, tokenizer, prompts + prompts, [yes] * len(prompts) + [no] * len(prompts), batch_size, progress)
     scores = [a - b for a, b in zip(logp[: len(prompts)], logp[len(prompts) :])]
     labels = [int(ex["label"]) for ex in examples]
     predicted = [int(s > 0) for s in scores]

@@ -1,0 +1,177 @@
+"""`slm eval`: score a model on a task or corpus, print a table, write eval.json.
+
+Reads top to bottom: setup (model folder -> model and tokenizer; data split -> records or text;
+the metric that fits them) -> run (perplexity, exact match or yes/no AUC from slm_cli.evaluate) ->
+save (eval.json and predictions.jsonl in output_dir; with eval.write_to_artifact=true, the
+metrics also go into the artifact's slm.json under metrics.eval.<source>).
+
+Evaluation does not train: one process, no DeepSpeed, no gradients.
+"""
+
+from __future__ import annotations
+
+import hydra
+
+from slm_cli.config.schema import EvalStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+EVAL_FILE = "eval.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
+def main(cfg) -> None:
+    run_stage(cfg, EvalStageConfig, run)
+
+
+def run(cfg: EvalStageConfig, resolved: dict) -> dict:
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from slm_cli import artifacts, models, ui
+    from slm_cli.data.corpus import write_atomic
+    from slm_cli.engine.logging import quiet_libraries
+    from slm_cli.evaluate import exact_match, perplexity, yes_no_auc
+    from slm_cli.evaluate.sources import choose_metric, load_eval_data
+    from slm_cli.pretrained import resolve_model_path
+    from transformers.utils.logging import disable_progress_bar
+
+    # --- setup -------------------------------------------------------------------------------
+    started = time.time()
+    quiet_libraries()
+    disable_progress_bar()  # transformers' per-tensor loading bars; slm shows its own progress
+    ui.console.print(ui.resolved_config_panel(resolved))
+    data = load_eval_data(
+        cfg.data.source,
+        cfg.eval.split,
+        cfg.data.test_size if cfg.eval.split == "test" else cfg.data.val_size,
+        cfg.seed,
+        cfg.data.val_fraction,
+    )
+    metric = choose_metric(data, cfg.eval.metric)
+    if cfg.artifact is not None:
+        name, dtype, trust = cfg.artifact, cfg.eval.dtype or "float32", _artifact_trusts_code(cfg.artifact)
+        tokenizer_name = cfg.artifact
+        field = "artifact"
+    else:
+        name, dtype, trust = cfg.model.name_or_path, cfg.eval.dtype or cfg.model.dtype, cfg.model.trust_remote_code
+        tokenizer_name = cfg.model.tokenizer or name
+        field = "model.name_or_path"
+    with ui.console.status(f"loading {name}"):
+        path = resolve_model_path(name)
+        model = models.load_model(path, dtype, trust, field=field).eval()
+        tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust)
+    ui.console.print(
+        ui.kv_table(
+            "eval: setup",
+            [
+                ("model", name),
+                ("folder", path),
+                ("parameters", models.count_params(model)),
+                ("dtype", dtype),
+                ("data", f"{data.source} ({data.kind}), {data.split} split, {data.size}"),
+                ("metric", metric),
+            ],
+        )
+    )
+
+    # --- run ---------------------------------------------------------------------------------
+    progress = Progress(
+        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=ui.console,
+    )
+    with progress:
+        bar = progress.add_task(metric, total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        if metric == "perplexity":
+            result = perplexity(
+                model, tokenizer, data.text, window=cfg.eval.window, stride=cfg.eval.stride,
+                max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size, progress=advance,
+            )
+            rows: list[dict] = []
+        elif metric == "exact_match":
+            result = exact_match(
+                model, tokenizer, data.task, data.examples, batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens, few_shot=cfg.eval.few_shot, stop=tuple(cfg.eval.stop),
+                seed=cfg.seed, progress=advance,
+            )
+            rows = result.pop("predictions")
+        else:
+            choices = getattr(data.task, "choices", (" Yes", " No"))
+            result = yes_no_auc(model, tokenizer, data.examples, batch_size=cfg.eval.batch_size, choices=choices, progress=advance)
+            scores = result.pop("scores")
+            rows = [{"prompt": ex["prompt"], "label": ex["label"], "log_odds": s} for ex, s in zip(data.examples, scores)]
+    seconds = time.time() - started
+
+    # --- save --------------------------------------------------------------------------------
+    out = Path(cfg.output_dir)
+    if out.exists():  # run_stage refused it unless overwrite=true
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    settings = _settings(cfg, metric)
+    report = {
+        "model": name,
+        "model_path": str(Path(path).resolve()) if Path(path).exists() else path,
+        "source": data.source,
+        "split": data.split,
+        "metric": metric,
+        "metrics": result,
+        "settings": settings,
+        "seconds": round(seconds, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": resolved,
+        "versions": artifacts.versions(),
+    }
+    write_atomic(out / EVAL_FILE, json.dumps(report, indent=2, default=str) + "\n")
+    if rows:
+        write_atomic(out / PREDICTIONS_FILE, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    if cfg.eval.write_to_artifact:
+        merge_into_artifact(cfg.artifact, data.source, {**result, "split": data.split, "metric": metric, **settings})
+    ui.console.print(ui.kv_table(f"eval: {data.source}, {data.split} split", ui.metric_rows(result)))
+    ui.console.print(f"results: {out / EVAL_FILE}")
+    return result
+
+
+def _settings(cfg: EvalStageConfig, metric: str) -> dict:
+    """The settings that change the number, stored beside it."""
+    e = cfg.eval
+    if metric == "perplexity":
+        return {"window": e.window, "stride": e.stride, "max_tokens": e.max_tokens}
+    if metric == "exact_match":
+        return {"few_shot": e.few_shot, "max_new_tokens": e.max_new_tokens, "stop": list(e.stop), "seed": cfg.seed}
+    return {"seed": cfg.seed}
+
+
+def _artifact_trusts_code(folder: str) -> bool:
+    """An artifact whose stage ran with trust_remote_code=true needs it again to load."""
+    from slm_cli import artifacts
+
+    meta = artifacts.read_metadata(folder, missing_ok=True) if folder else None
+    return bool(meta and meta.get("trust_remote_code"))
+
+
+def merge_into_artifact(folder: str, source: str, metrics: dict) -> None:
+    """Set slm.json's metrics.eval.<source> to `metrics`, keeping everything else; atomic rewrite."""
+    import json
+    from pathlib import Path
+
+    from slm_cli import artifacts
+    from slm_cli.data.corpus import write_atomic
+    from slm_cli.errors import SlmError
+
+    meta = artifacts.read_metadata(folder, missing_ok=True)
+    if meta is None:
+        raise SlmError(
+            f"eval.write_to_artifact=true but {folder} has no {artifacts.METADATA_FILE} (not an slm artifact); "
+            "the results are in eval.json. Drop eval.write_to_artifact to silence this."
+        )
+    meta.setdefault("metrics", {}).setdefault("eval", {})[source] = metrics
+    write_atomic(Path(folder) / artifacts.METADATA_FILE, json.dumps(meta, indent=2, default=str))
