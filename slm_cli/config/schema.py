@@ -470,11 +470,6 @@ class QuantizeStageConfig:
     calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)
     eval: QuantEvalConfig = field(default_factory=QuantEvalConfig)
 
-    @property
-    def launcher(self) -> LauncherConfig:
-        """Quantization runs in one process; `run_stage` asks every stage for its launcher."""
-        return LauncherConfig()
-
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
         _problems_if(not self.output_dir, "output_dir is empty", out)

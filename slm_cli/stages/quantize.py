@@ -43,8 +43,8 @@ def lineage_warnings(source_dir) -> list[str]:
     from slm_cli import artifacts
 
     meta = artifacts.read_metadata(source_dir, missing_ok=True)
-    if meta is None:
-        return [f"{source_dir} has no slm.json: it was not written by an slm stage, so its lineage is unknown"]
+    if meta is None:  # a plain Hugging Face folder records no lineage to check
+        return []
     out = []
     recorded = meta.get("content_hash")
     if recorded and artifacts.content_hash(source_dir) != recorded:
@@ -114,13 +114,12 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
 
     from slm_cli import artifacts, models, ui
     from slm_cli.evaluate.perplexity import perplexity
-    from slm_cli.quant.checks import quantization_table, validate_fp8_checkpoint
+    from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
     from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
     from slm_cli.quant.report import checkpoint_size_report, fake_quant_model, weight_error_report
-
-    # --- setup -------------------------------------------------------------------------------
     from transformers.utils import logging as hf_logging
 
+    # --- setup -------------------------------------------------------------------------------
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ui.console.print(ui.resolved_config_panel(resolved))
@@ -163,8 +162,11 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     save_dtype = models.torch_dtype(cfg.quant.save_dtype)
     save_fp8(model, tokenizer, out, source_dtype=save_dtype)
     del model
-    # vLLM's view of the files: a failure here raises and nothing is published
-    layers = validate_fp8_checkpoint(out, cfg.quant.scheme, source_dtype=save_dtype)
+    # vLLM's view of the files: on a failure nothing is published
+    try:
+        layers = validate_fp8_checkpoint(out, cfg.quant.scheme, source_dtype=save_dtype)
+    except FP8CheckpointError as exc:
+        raise FP8CheckpointError(f"{exc}\nNothing was published; the checkpoint as written is kept in {out}.") from exc
     table = quantization_table(out)
     ui.console.print(
         ui.records_table(
@@ -217,13 +219,14 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         )
         if not math.isfinite(metrics["perplexity_fp8"]):
             ui.console.print("[bold yellow]warning:[/bold yellow] the FP8 model's perplexity is not finite")
-    worst = sorted(errors, key=lambda r: r["max_rel_error"], reverse=True)[: cfg.quant.error_rows]
+    # the max error of every layer sits near FP8's rounding bound (1/17); the mean tells layers apart
+    worst = sorted(errors, key=lambda r: r["mean_rel_error"], reverse=True)[: cfg.quant.error_rows]
     if worst:
         ui.console.print(
             ui.records_table(
                 f"largest weight errors ({len(worst)} of {len(errors)} layers; all in {QUANT_REPORT_FILE})",
                 worst,
-                ["name", "max_rel_error", "mean_rel_error", "rel_l2_error"],
+                ["name", "mean_rel_error", "rel_l2_error", "max_rel_error"],
             )
         )
     artifacts.write_metadata(
@@ -231,7 +234,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         extra={"trust_remote_code": cfg.trust_remote_code},
     )
     final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
-    ui.console.print(ui.kv_table(f"quantize artifact: {final}", [(k, v) for k, v in ui.metric_rows(metrics)]))
+    ui.console.print(ui.kv_table(f"quantize artifact: {final}", ui.metric_rows(metrics)))
     if metrics["device"] == "cpu":
         ui.console.print(
             "[dim]On this CPU FP8 is a storage format: there are no FP8 matmul kernels (vLLM emulates them, far slower "
