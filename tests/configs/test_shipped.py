@@ -8,10 +8,17 @@ from omegaconf import OmegaConf
 
 from slm_cli.config import STAGE_SCHEMAS, validate
 from slm_cli.paths import CONFIG_DIR, RECIPE_DIR
+from slm_cli.pipeline import is_pipeline, load_recipe
 
 # values that configs leave for the user to fill (`???`)
 REQUIRED = {"model": ["model.name_or_path=/models/x"], "data": ["data.source=/data/train.jsonl"]}
-STAGE_REQUIRED = {"student": ["teacher.path=/models/teacher"], "distill": ["teacher.path=/models/teacher"]}
+STAGE_REQUIRED = {
+    "student": ["teacher.path=/models/teacher"],
+    "distill": ["teacher.path=/models/teacher"],
+    "quantize": ["model_path=/models/x"],
+    "prune": ["model_path=/models/x"],
+    "eval": ["artifact=/models/x"],
+}
 
 
 def _groups(stage: str) -> list[str]:
@@ -38,12 +45,30 @@ def _cases():
 
 @pytest.mark.parametrize("stage,group,option", list(_cases()))
 def test_group_option_composes_and_validates(stage, group, option):
-    overrides = [f"{group}={option}", *REQUIRED.get(group, []), *STAGE_REQUIRED.get(stage, [])]
+    stage_required = STAGE_REQUIRED.get(stage, [])
+    if stage == "eval" and group == "model":  # eval takes a model= or an artifact=, not both
+        stage_required = []
+    overrides = [f"{group}={option}", *REQUIRED.get(group, []), *stage_required]
     values = _compose(CONFIG_DIR, stage, overrides)
     validate(values, STAGE_SCHEMAS[stage])
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPE_DIR.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+PIPELINES = [p for p in sorted(RECIPE_DIR.rglob("*.yaml")) if is_pipeline(p)]
+PRESETS = [p for p in sorted(RECIPE_DIR.glob("*/*.yaml")) if not is_pipeline(p)]
+
+
+@pytest.mark.parametrize("recipe", PIPELINES, ids=lambda p: str(p.relative_to(RECIPE_DIR)))
+def test_pipeline_recipe_stages_compose_and_validate(recipe):
+    from slm_cli.__main__ import STAGES
+
+    spec = load_recipe(recipe, {s for s, (m, _) in STAGES.items() if m})
+    for stage in spec.stages:
+        inputs = [f"{key}=/artifacts/{src}" for key, src in stage.inputs.items()]
+        values = _compose(CONFIG_DIR, stage.stage, [*stage.overrides, *inputs])
+        validate(values, STAGE_SCHEMAS[stage.stage])
+
+
+@pytest.mark.parametrize("recipe", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_stage_recipe_composes_and_validates(recipe):
     stage = recipe.parent.name
     if stage not in STAGE_SCHEMAS:
