@@ -116,10 +116,9 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from slm_cli.ui import console
     peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
     console.print(f"matmul peak here (2048², best of 5): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
     results = {}
