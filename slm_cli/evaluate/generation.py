@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from slm_cli.data.errors import DataError
 from slm_cli.data.formats import record_shape
 from slm_cli.data.tokenize import collate_prompts, prompt_ids
 
@@ -58,7 +59,7 @@ def few_shot_prompt(example: dict, shots: Sequence[dict]) -> dict:
     if not shots:
         return example
     if record_shape(example) != "prompt_completion":
-        raise ValueError("few-shot prompts need prompt/completion records; set eval.few_shot=0 for chat data.")
+        raise DataError("few-shot prompts need prompt/completion records; set eval.few_shot=0 for chat data.")
     prefix = "".join(shot["prompt"] + shot["completion"] + FEW_SHOT_SEPARATOR for shot in shots)
     return {**example, "prompt": prefix + example["prompt"]}
 
@@ -147,7 +148,10 @@ def exact_match(
     task = task if task is not None else CompletionMatch()
     if few_shot and shots is None:
         if not hasattr(task, "examples"):
-            raise ValueError("few-shot needs a built-in task to draw solved train examples from; pass shots=... or few_shot=0.")
+            raise DataError(
+                "few-shot needs a built-in task to draw solved train examples from (data.source=arithmetic, ...); "
+                "set eval.few_shot=0 for your own data."
+            )
         shots = task.examples("train", few_shot, seed)
     shots = list(shots or [])[:few_shot] if few_shot else []
     prompts = [prompt_ids(few_shot_prompt(ex, shots), tokenizer) for ex in examples]

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from slm_cli.data.errors import DataError
 from slm_cli.data.tokenize import IGNORE_INDEX, collate, prompt_ids
 from slm_cli.evaluate.metrics import accuracy, roc_auc
 
@@ -67,7 +68,9 @@ def yes_no_auc(
     Returns auc, accuracy, yes_rate (share predicted choices[0]), n, positives and `scores`.
     """
     if any("label" not in ex for ex in examples):
-        raise ValueError("yes_no_auc needs a 0/1 `label` in every example (a predictive task such as arithmetic_yesno).")
+        raise DataError("yes_no_auc needs a 0/1 `label` in every example (a predictive task such as arithmetic_yesno).")
+    if len({int(ex["label"]) for ex in examples}) < 2:
+        raise DataError(f"AUC needs examples of both labels; these {len(examples)} have one. Evaluate more examples (data.test_size).")
     yes, no = (list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
     prompts = [prompt_ids(ex, tokenizer) for ex in examples]
     logp = completion_logprobs(model, tokenizer, prompts + prompts, [yes] * len(prompts) + [no] * len(prompts), batch_size, progress)

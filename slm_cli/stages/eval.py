@@ -31,15 +31,17 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     import time
     from pathlib import Path
 
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers.utils.logging import disable_progress_bar
 
     from slm_cli import artifacts, models, ui
     from slm_cli.data.corpus import write_atomic
     from slm_cli.engine.logging import quiet_libraries
+    from slm_cli.errors import SlmError
     from slm_cli.evaluate import exact_match, perplexity, yes_no_auc
     from slm_cli.evaluate.sources import choose_metric, load_eval_data
     from slm_cli.pretrained import resolve_model_path
-    from transformers.utils.logging import disable_progress_bar
 
     # --- setup -------------------------------------------------------------------------------
     started = time.time()
@@ -65,7 +67,15 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     with ui.console.status(f"loading {name}"):
         path = resolve_model_path(name)
         model = models.load_model(path, dtype, trust, field=field).eval()
-        tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust)
+        try:
+            tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust)
+        except OSError as exc:
+            raise SlmError(
+                f"no tokenizer could be loaded from {tokenizer_name} ({exc}); "
+                "save one beside the weights or name a tokenizer folder with model.tokenizer=..."
+            ) from exc
+    if torch.cuda.is_available():  # inference only: one GPU if there is one, else the CPU
+        model.to("cuda")
     ui.console.print(
         ui.kv_table(
             "eval: setup",
@@ -74,6 +84,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
                 ("folder", path),
                 ("parameters", models.count_params(model)),
                 ("dtype", dtype),
+                ("device", str(next(model.parameters()).device)),
                 ("data", f"{data.source} ({data.kind}), {data.split} split, {data.size}"),
                 ("metric", metric),
             ],

@@ -125,4 +125,6 @@ def test_user_errors_exit_2(slm, tmp_path, tiny_artifact, capsys):
     assert "model has no weights" in capsys.readouterr().err
     assert slm("eval", "model=hf", f"model.name_or_path={tiny_artifact}", "eval.write_to_artifact=true") == 2
     assert "needs artifact=<folder>" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert slm("eval", f"artifact={tiny_artifact}", "data.source=arithmetic_yesno", "data.test_size=1", f"output_dir={tmp_path / 'z'}") == 2
+    assert "both labels" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))

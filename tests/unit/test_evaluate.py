@@ -259,3 +259,28 @@ def test_completion_logprobs_sum_over_tokens(tok):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
     assert got == pytest.approx(sum(float(logits[len(p) - 1 + i, t]) for i, t in enumerate(c)), abs=1e-5)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_eval_sources_pick_the_metric_that_fits(tmp_path):
+    from slm_cli.data.errors import DataError
+    from slm_cli.evaluate.sources import choose_metric, load_eval_data
+
+    yesno = load_eval_data("arithmetic_yesno", "test", 4, seed=0)
+    assert yesno.kind == "predictive" and len(yesno.examples) == 4
+    assert choose_metric(yesno, "auto") == "auc" and choose_metric(yesno, "exact_match") == "exact_match"
+    assert choose_metric(load_eval_data("arithmetic", "validation", 3, seed=0), "auto") == "exact_match"
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(10)))
+    data = load_eval_data(str(text), "test", None, seed=0, val_fraction=0.2)
+    assert data.kind == "text" and data.text.count("line") == 2 and choose_metric(data, "auto") == "perplexity"
+    with pytest.raises(DataError, match="eval.metric=perplexity"):
+        choose_metric(data, "auc")
+
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text("".join(f'{{"prompt": "q{i}", "completion": " a{i}"}}\n' for i in range(10)))
+    data = load_eval_data(str(pc), "validation", None, seed=0, val_fraction=0.3)
+    assert data.kind == "generative" and len(data.examples) == 3 and data.task is None
