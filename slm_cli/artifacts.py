@@ -67,6 +67,56 @@ def commit(staging: Path, output_dir: str | Path, overwrite: bool, keep_work: bo
     return out
 
 
+def lock_path(output_dir: str | Path) -> Path:
+    out = Path(output_dir)
+    return out.with_name(out.name + ".lock")
+
+
+def acquire_lock(output_dir: str | Path) -> Path:
+    """Claim `output_dir` for this process; a second run aimed at it is refused while this one lives.
+
+    The lock is a sibling file holding the owner's host and pid, created with O_EXCL. A lock
+    whose process is gone (a crashed or killed run) is stale and taken over.
+    """
+    path = lock_path(output_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{platform.node()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            host, _, pid = path.read_text().strip().partition(" ")
+            if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            raise SlmError(
+                f"another slm run ({host} pid {pid}) is writing output_dir {output_dir} (lock {path}). "
+                "Wait for it to finish or choose another output_dir; delete the lock file only if that run is gone."
+            )
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return path
+    raise SlmError(f"could not take the lock {path}; delete it if no slm run is using {output_dir}.")
+
+
+def release_lock(path: Path) -> None:
+    try:
+        if path.read_text().strip() == f"{platform.node()} {os.getpid()}":
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def content_hash(folder: str | Path) -> str:
     """sha256 over the files that define a checkpoint (weights, configs, tokenizer), names included."""
     folder = Path(folder)
@@ -79,6 +129,13 @@ def content_hash(folder: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def config_fingerprint(resolved: dict) -> str:
+    """A hash of what a run computes: the resolved config without the keys that only steer the run."""
+    steering = {"resume", "overwrite"}
+    payload = {k: v for k, v in resolved.items() if k not in steering}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -118,6 +175,23 @@ def write_metadata(folder: Path, *, stage: str, config: dict, parents: list[dict
         meta.update(extra)
     (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return meta
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
+
+
+def check_readable(folder: str | Path, field: str) -> None:
+    """Refuse an artifact written by a newer slm: its slm.json or layout may mean things this one does not know."""
+    meta = read_metadata(folder, missing_ok=True)
+    if not meta:
+        return
+    theirs = str(meta.get("slm_version", "0"))
+    if _version_tuple(theirs) > _version_tuple(__version__):
+        raise SlmError(
+            f"{field}={folder} was written by slm {theirs}, newer than this slm {__version__}. "
+            "Upgrade slm (pip install -U slm-cli, or git pull in your checkout) to read it."
+        )
 
 
 def read_metadata(folder: str | Path, missing_ok: bool = False) -> dict | None:

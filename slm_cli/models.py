@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from slm_cli.errors import SlmError
+from slm_cli.pretrained import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,9 +35,13 @@ def _check_model_path(path: str, field: str) -> None:
             f"{field}={path} is not a model folder (no config.json). "
             "Point it at a folder written by save_pretrained or by an slm stage."
         )
+    from slm_cli.artifacts import check_readable
+
+    check_readable(p, field)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "model.tokenizer"):
+    path = resolve_model_path(path)
     _check_model_path(path, field)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:  # many causal LMs ship without one; padding is masked anyway
@@ -45,7 +50,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "mod
 
 
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model.name_or_path"):
-    """A pretrained causal LM from a local folder or hub id, in `dtype` ("auto" = as saved)."""
+    """A pretrained causal LM from a local folder, hub id, .gguf file or built-in name, in `dtype` ("auto" = as saved)."""
+    path = resolve_model_path(path)
     _check_model_path(path, field)
     try:
         return AutoModelForCausalLM.from_pretrained(

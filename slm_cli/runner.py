@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from slm_cli.artifacts import acquire_lock, release_lock
 from slm_cli.config import ConfigError, validate
 from slm_cli.errors import SlmError
 
@@ -59,12 +60,17 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
             raise SlmError(
                 f"output_dir {output_dir} already exists. Choose another output_dir=..., or pass overwrite=true to replace it."
             )
-        launcher = getattr(typed, "launcher", None)  # stages that do not train run in one process
-        if launcher is not None and not is_worker():
-            from slm_cli.engine.launcher import needs_relaunch, relaunch
+        lock = acquire_lock(output_dir) if output_dir and not is_worker() else None
+        try:
+            launcher = getattr(typed, "launcher", None)  # stages that do not train run in one process
+            if launcher is not None and not is_worker():
+                from slm_cli.engine.launcher import needs_relaunch, relaunch
 
-            if needs_relaunch(launcher):
-                sys.exit(relaunch(typed, values))
-        return work(typed, values)
+                if needs_relaunch(launcher):
+                    sys.exit(relaunch(typed, values))
+            return work(typed, values)
+        finally:
+            if lock is not None:
+                release_lock(lock)
     except _user_error_types() as exc:
         fail(str(exc))

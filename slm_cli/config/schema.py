@@ -16,7 +16,7 @@ values into one error before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 PRECISIONS = ("fp32", "bf16")
 OFFLOAD = ("none", "cpu")
@@ -253,7 +253,7 @@ class TrainStageConfig:
     seed: int = 0  # makes data order, init and sampling repeatable
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: bool = False  # replace an existing output_dir
-    resume: bool = False  # continue from the last checkpoint in <output_dir>.work/checkpoints
+    resume: Union[bool, str] = "auto"  # auto: continue an unfinished run of this config if one exists | true: must | false: start afresh
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -263,6 +263,9 @@ class TrainStageConfig:
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
         _problems_if(not self.output_dir, "output_dir is empty", out)
+        _problems_if(
+            self.resume not in (True, False, "auto"), f"resume={self.resume!r}: choose auto, true or false", out
+        )
         for name in ("model", "data", "train", "deepspeed", "launcher"):
             out += getattr(self, name).problems(name)
         _problems_if(
@@ -503,103 +506,6 @@ STAGE_SCHEMAS = {
     "quantize": QuantizeStageConfig,
     "run": RunStageConfig,
 }
-
-
-EVAL_METRICS = ("auto", "perplexity", "exact_match", "auc")
-EVAL_SPLITS = ("test", "validation")
-
-
-@dataclass
-class EvalSettings:
-    """What `slm eval` measures, on which split, and how."""
-
-    metric: str = "auto"  # auto: perplexity for text, exact_match for a generative task, auc for a predictive one | perplexity | exact_match | auc
-    split: str = "test"  # split scored: test | validation (a corpus' validation split is its calibration text)
-    batch_size: int = 8  # sequences per forward pass or generate call
-    dtype: Optional[str] = None  # weights dtype for evaluation: float32 | bfloat16 | float16; null = model.dtype (float32 for artifact=)
-    max_new_tokens: int = 64  # exact_match: generation budget per example (greedy, KV cache)
-    few_shot: int = 0  # exact_match: solved train examples put before each prompt (built-in tasks; 0 = zero-shot)
-    stop: list[str] = field(default_factory=lambda: ["\n\n"])  # exact_match: generation also stops at these strings
-    window: int = 512  # perplexity: tokens per forward pass (the context limit)
-    stride: int = 256  # perplexity: new tokens scored per window (< window); each has >= window - stride tokens of context
-    max_tokens: Optional[int] = None  # perplexity: score the first N tokens of the text only (null = all)
-    write_to_artifact: bool = False  # also merge the metrics into <artifact>/slm.json under metrics.eval
-
-    def problems(self, where: str) -> list[str]:
-        out: list[str] = []
-        _problems_if(self.metric not in EVAL_METRICS, f"{where}.metric={self.metric!r}: choose one of {', '.join(EVAL_METRICS)}", out)
-        _problems_if(self.split not in EVAL_SPLITS, f"{where}.split={self.split!r}: choose test or validation", out)
-        _problems_if(
-            self.dtype is not None and self.dtype not in DTYPES,
-            f"{where}.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)} or null",
-            out,
-        )
-        for name in ("batch_size", "max_new_tokens"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
-        _problems_if(self.few_shot < 0, f"{where}.few_shot={self.few_shot} must be >= 0", out)
-        _problems_if(self.window < 2, f"{where}.window={self.window} must be >= 2", out)
-        _problems_if(
-            not 1 <= self.stride < self.window,
-            f"{where}.stride={self.stride} must be in [1, window - 1] (window={self.window}): each window keeps at least "
-            f"one token of context before the tokens it scores; e.g. {where}.stride={max(1, self.window // 2)}",
-            out,
-        )
-        _problems_if(
-            self.max_tokens is not None and self.max_tokens < 2, f"{where}.max_tokens={self.max_tokens} must be >= 2 or null", out
-        )
-        _problems_if(any(not s for s in self.stop), f"{where}.stop has an empty string (it would stop at once)", out)
-        return out
-
-
-@dataclass
-class EvalStageConfig:
-    """`slm eval`: perplexity, exact match or AUC of a model on a task, corpus or file."""
-
-    stage: str = "eval"  # which stage this config drives
-    seed: int = 0  # fixes generated task examples and the few-shot examples
-    artifact: Optional[str] = None  # folder to evaluate (an slm artifact or any HF folder); or choose model=
-    output_dir: str = "outputs/eval/results"  # eval.json and predictions.jsonl are written here
-    overwrite: bool = False  # replace an existing output_dir
-    model: Optional[ModelConfig] = None  # the model to evaluate when artifact is not given (model=NAME)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    @property
-    def launcher(self) -> LauncherConfig:
-        """Evaluation runs in one process; `run_stage` asks every stage for its launcher."""
-        return LauncherConfig()
-
-    def problems(self, where: str = "") -> list[str]:
-        out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
-        _problems_if(
-            self.artifact is None and self.model is None,
-            "nothing to evaluate: give artifact=<folder> or a model, e.g. model=smollm2-135m-instruct",
-            out,
-        )
-        _problems_if(
-            self.artifact is not None and self.model is not None,
-            f"give artifact={self.artifact} or model=..., not both",
-            out,
-        )
-        if self.model is not None:
-            out += self.model.problems("model")
-            _problems_if(
-                self.model.name_or_path is None,
-                "model has no weights (name_or_path is null): evaluate a trained model with artifact=<folder>, "
-                "model=hf model.name_or_path=<folder>, or model=smollm2-135m-instruct",
-                out,
-            )
-        _problems_if(
-            self.eval.write_to_artifact and self.artifact is None,
-            "eval.write_to_artifact=true needs artifact=<folder> (the slm.json to write into)",
-            out,
-        )
-        out += self.data.problems("data") + self.eval.problems("eval")
-        return out
-
-
-STAGE_SCHEMAS["eval"] = EvalStageConfig
 
 
 EVAL_METRICS = ("auto", "perplexity", "exact_match", "auc")

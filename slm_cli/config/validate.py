@@ -50,8 +50,16 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key, problems)
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:  # the first arm the value fits
+            trial: list[str] = []
+            coerced = _coerce(value, arm, key, trial)
+            if not trial:
+                return coerced
+        if len(arms) == 1:
+            return _coerce(value, arms[0], key, problems)
+        problems.append(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+        return _BAD
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key} must be a group of settings, got {value!r}")

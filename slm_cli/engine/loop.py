@@ -32,6 +32,7 @@ from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config
 from slm_cli.errors import SlmError
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
+RESUME_MARKER = "slm_resume.json"  # beside DeepSpeed's checkpoints: which config and step they belong to
 # Test-only fault injection: SIGKILL this process right after the checkpoint of step N is saved.
 CRASH_ENV = "SLM_TEST_CRASH_AFTER_STEP"
 
@@ -173,8 +174,9 @@ def train(
     tcfg,
     seed: int,
     work_dir: Path,
-    resume: bool,
+    resume: bool | str,
     loss_fn: LossFn = sft_loss,
+    config_hash: str = "",
     prepare: Callable[[dict, int], dict] | None = None,
     description: str = "train",
     progress=None,
@@ -184,18 +186,33 @@ def train(
     `prepare(batch, k)` may replace micro-batch k before its target tokens are counted (the
     distill stage swaps in completions the student samples itself). Evaluation always uses
     the dataset's own batches.
+
+    `resume`: True continues from the last checkpoint (an error if there is none); "auto" does
+    so when an unfinished run of the same config (`config_hash`) left one; False starts afresh.
     """
     ckpt_dir = Path(work_dir) / "checkpoints"
     metrics_path = Path(work_dir) / "metrics.jsonl"
     batches = MicroBatches(train_set, tcfg.micro_batch_size, seed, collate)
     world, ga = dist.world_size(), tcfg.grad_accum
     start_step = 0
-    if resume:
-        if not (ckpt_dir / "latest").is_file():
-            raise SlmError(f"resume=true but there is no checkpoint in {ckpt_dir}; run without resume=true to start afresh.")
+    marker = ckpt_dir / RESUME_MARKER
+    has_ckpt = (ckpt_dir / "latest").is_file() and marker.is_file()
+    if resume is True and not has_ckpt:
+        raise SlmError(f"resume=true but there is no checkpoint in {ckpt_dir}; run with resume=false to start afresh.")
+    # Checked before loading anything: a checkpoint of another config may not even fit this model.
+    if has_ckpt and resume == "auto" and json.loads(marker.read_text()).get("config_hash") != config_hash:
+        raise SlmError(
+            f"{ckpt_dir} holds an unfinished run with a different config. Pass resume=false to start afresh "
+            "(its checkpoints are replaced), resume=true to continue it anyway, or choose another output_dir."
+        )
+    if has_ckpt and resume in (True, "auto"):
         _, client = engine.load_checkpoint(str(ckpt_dir))
         start_step = int(client["step"])
         _set_rng_state(client["rng"])
+        if dist.is_main():
+            from slm_cli.ui import console
+
+            console.print(f"[yellow]resuming[/yellow] from {ckpt_dir} at step {start_step}")
     elif dist.is_main():
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -260,6 +277,8 @@ def train(
             want_ckpt = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.max_steps
             if want_ckpt or interrupted["signal"] is not None:
                 engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1, "rng": _rng_state()})
+                if dist.is_main():
+                    marker.write_text(json.dumps({"step": step + 1, "config_hash": config_hash}))
                 if os.environ.get(CRASH_ENV) == str(step + 1):
                     os.kill(os.getpid(), signal.SIGKILL)
             if interrupted["signal"] is not None:

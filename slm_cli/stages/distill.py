@@ -99,6 +99,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
             seed=cfg.seed,
             work_dir=artifacts.work_dir(cfg.output_dir),
             resume=cfg.resume,
+            config_hash=artifacts.config_fingerprint(resolved),
             loss_fn=objective,
             prepare=prepare,
             description=f"distill {cfg.distill.mode}",

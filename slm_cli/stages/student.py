@@ -89,6 +89,7 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
             seed=cfg.seed,
             work_dir=artifacts.work_dir(cfg.output_dir),
             resume=cfg.resume,
+            config_hash=artifacts.config_fingerprint(resolved),
             description="student",
             progress=progress,
         )

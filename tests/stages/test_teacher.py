@@ -76,7 +76,10 @@ def test_resume_after_kill_matches_uninterrupted(slm, tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed hard right after the step-4 checkpoint
     assert not resumed.exists(), "a killed run must not leave an artifact"
     assert (tmp_path / "resumed.work" / "checkpoints" / "step4").is_dir()
-    assert slm("teacher", *common, f"output_dir={resumed}", "resume=true") == 0
+    # another config aimed at the unfinished run is refused rather than silently mixed in
+    assert slm("teacher", *common, "train.lr=1e-4", f"output_dir={resumed}") == 2
+    # the same command again continues it (resume=auto is the default)
+    assert slm("teacher", *common, f"output_dir={resumed}") == 0
     a, b = metrics_rows(straight), metrics_rows(resumed)
     assert [r["step"] for r in b] == list(range(1, 9))
     assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], abs=1e-6)
@@ -102,3 +105,21 @@ def test_too_many_processes_is_refused(tmp_path):
     proc = _cli(["teacher", "launcher.nproc_per_node=64", "model=tiny-llama", f"output_dir={tmp_path}/x", f"hydra.run.dir={tmp_path}/logs"])
     assert proc.returncode == 2
     assert "launcher.nproc_per_node=64" in proc.stderr and "set launcher.nproc_per_node to at most" in proc.stderr
+
+
+def test_a_second_run_on_the_same_output_is_refused(slm, tmp_path, capsys):
+    import platform
+
+    out = tmp_path / "locked"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "locked.lock").write_text(f"{platform.node()} {owner.pid}")
+        assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, f"output_dir={out}") == 2
+        assert f"pid {owner.pid}) is writing output_dir" in capsys.readouterr().err
+        assert not out.exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    # the owner is gone: its lock is stale and the run proceeds, then releases the lock
+    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=1", f"output_dir={out}") == 0
+    assert (out / "slm.json").is_file() and not (tmp_path / "locked.lock").exists()
