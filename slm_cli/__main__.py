@@ -34,10 +34,9 @@ def _first_comment(path) -> str:
 
 
 def print_overview() -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from slm_cli.ui import console
     stages = Table(title="slm stages", title_justify="left")
     stages.add_column("stage", style="bold cyan")
     stages.add_column("what it does")
