@@ -499,12 +499,103 @@ class RunStageConfig:
         return out
 
 
+@dataclass
+class BenchScoring:
+    """Scoring mode of `slm bench`: many arithmetic_yesno items after one shared prefix, without and with its KV cache."""
+
+    enabled: bool = True  # measure items/s without and with prefix KV-cache reuse (needs the artifact's tokenizer)
+    prefix_examples: int = 32  # solved train examples forming the shared prefix (its length in tokens is reported)
+    items: int = 32  # candidate items scored after the prefix, each by log P(" Yes")
+    batch_size: int = 8  # items per forward pass
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        for name in ("prefix_examples", "items", "batch_size"):
+            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
+        return out
+
+
+@dataclass
+class BenchSettings:
+    """What `slm bench` times: prefill latency and decode throughput at these sizes, with repeats."""
+
+    warmup: int = 1  # untimed runs before each measurement (allocations, kernel choice)
+    repeats: int = 5  # timed runs per measurement; the median and spread (IQR, min/max) are reported
+    prefill_batch_sizes: list[int] = field(default_factory=lambda: [1])  # prompts per prefill pass
+    prefill_seq_lens: list[int] = field(default_factory=lambda: [128, 512])  # prompt lengths (tokens) for prefill latency
+    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])  # sequences decoded together
+    decode_prompt_len: int = 64  # prompt tokens before decoding
+    decode_new_tokens: int = 32  # greedy tokens decoded per sequence (timed without the prefill)
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    isolate: bool = True  # measure each artifact in its own process, so peak memory is that model's alone
+    write_to_artifact: bool = False  # also merge the results into <artifact>/slm.json under metrics.bench
+    scoring: BenchScoring = field(default_factory=BenchScoring)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(self.warmup < 0, f"{where}.warmup={self.warmup} must be >= 0", out)
+        _problems_if(self.repeats < 1, f"{where}.repeats={self.repeats} must be >= 1", out)
+        for name in ("prefill_batch_sizes", "prefill_seq_lens", "decode_batch_sizes"):
+            values = getattr(self, name)
+            _problems_if(any(v < 1 for v in values), f"{where}.{name}={values}: every entry must be >= 1", out)
+        _problems_if(self.decode_prompt_len < 1, f"{where}.decode_prompt_len={self.decode_prompt_len} must be >= 1", out)
+        _problems_if(self.decode_new_tokens < 1, f"{where}.decode_new_tokens={self.decode_new_tokens} must be >= 1", out)
+        _problems_if(self.threads is not None and self.threads < 1, f"{where}.threads={self.threads} must be >= 1 or null", out)
+        out += self.scoring.problems(f"{where}.scoring")
+        return out
+
+
+@dataclass
+class BenchStageConfig:
+    """`slm bench`: size, memory, prefill latency, decode tokens/s and prefix reuse of each artifact."""
+
+    stage: str = "bench"  # which stage this config drives
+    artifacts: list[str] = field(default_factory=list)  # model folders to measure: artifacts=[runs/a/teacher,runs/a/student]
+    seed: int = 0  # fixes the random prompts and the scoring workload
+    device: Optional[str] = None  # cpu | cuda; null = cuda when present, else cpu
+    trust_remote_code: bool = False  # run model code shipped with a checkpoint (only if you trust its source)
+    output_dir: str = "outputs/bench/results"  # bench.json is written here
+    overwrite: bool = False  # replace an existing output_dir
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+    def problems(self, where: str = "") -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _problems_if(
+            not self.artifacts, "nothing to measure: give artifacts=[<folder>,...] or the folders after `slm bench`", out
+        )
+        _problems_if(self.device not in (None, "cpu", "cuda"), f"device={self.device!r}: choose cpu, cuda or null", out)
+        out += self.bench.problems("bench")
+        return out
+
+
+@dataclass
+class ReportStageConfig:
+    """`slm report`: one table, report.md/.json and a plot for artifacts and their whole lineage."""
+
+    stage: str = "report"  # which stage this config drives
+    artifacts: list[str] = field(default_factory=list)  # artifact folders (or a pipeline's output_root); parents are found via slm.json
+    title: str = "slm report"  # heading of report.md and the plot
+    output_dir: str = "outputs/report/results"  # report.md, report.json and report.png are written here
+    overwrite: bool = False  # replace an existing output_dir
+
+    def problems(self, where: str = "") -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _problems_if(
+            not self.artifacts, "nothing to report: give artifacts=[<folder>,...] or the folders after `slm report`", out
+        )
+        return out
+
+
 STAGE_SCHEMAS = {
     "teacher": TeacherStageConfig,
     "student": StudentStageConfig,
     "distill": DistillStageConfig,
     "quantize": QuantizeStageConfig,
     "run": RunStageConfig,
+    "bench": BenchStageConfig,
+    "report": ReportStageConfig,
 }
 
 
