@@ -21,7 +21,8 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "prune": (None, "Structured pruning of heads, MLP neurons and layers (OSSCAR)"),
     "quantize": ("slm_cli.stages.quantize", "FP8 checkpoints in the compressed-tensors format vLLM reads"),
     "eval": ("slm_cli.stages.eval", "Perplexity, exact match and AUC of any artifact"),
-    "bench": (None, "Latency, throughput and memory of artifacts"),
+    "bench": ("slm_cli.stages.bench", "Size, memory, latency, tokens/s and prefix-KV reuse of artifacts"),
+    "report": ("slm_cli.stages.report", "Lineage table, report.md/.json and plot: quality vs size and latency"),
     "run": ("slm_cli.stages.run", "Run a multi-stage pipeline recipe, skipping stages already done"),
 }
 

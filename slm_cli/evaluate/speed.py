@@ -357,7 +357,8 @@ def prefix_reuse_speed(model, tokenizer, prefix_examples: int, items: int, batch
 def measure(spec: dict) -> dict:
     """Every number for one model folder. `spec` holds: path, device, warmup, repeats,
     prefill_batch_sizes, prefill_seq_lens, decode_batch_sizes, decode_prompt_len, decode_new_tokens,
-    scoring (dict or None: prefix_examples, items, batch_size), seed.
+    scoring (dict or None: prefix_examples, items, batch_size), seed, threads, isolated (True when
+    this process measures this model alone, so its peak RSS is the model's).
 
     An FP8 (compressed-tensors) checkpoint on CPU is not timed: there are no FP8 matmul kernels
     here, so a number would measure emulation and dequantization, not the format's speed.
@@ -388,6 +389,18 @@ def measure(spec: dict) -> dict:
     torch.manual_seed(spec.get("seed", 0))
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    # Import what loading and scoring will import before taking the baseline: modeling code and
+    # the task generators are a fixed ~150 MB of Python that is not the model's memory.
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.get("trust_remote_code", False))
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if spec.get("scoring"):
+        import slm_cli.data.tasks  # noqa: F401
+    q = torch.ones(1, 1, 4, 8)  # the math libraries' one-off workspaces are the process's, not the model's
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True) @ torch.ones(8, 8)
     base = rss_mb()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=spec.get("trust_remote_code", False))
@@ -425,9 +438,13 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["memory_kind"] = "cuda max_memory_allocated"
-    else:
+    elif spec.get("isolated"):
         result["peak_memory_mb"] = peak_rss_mb() - base
-        result["memory_kind"] = "peak RSS above the process's RSS before loading"
+        result["memory_kind"] = "peak RSS of loading + running, above the process's RSS before loading"
+    else:
+        # one process for several models: its lifetime peak belongs to whichever model was largest
+        result["peak_memory_mb"] = None
+        result["memory_kind"] = "not measured (bench.isolate=false shares one process)"
     return result
 
 
@@ -441,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m slm_cli.evaluate.speed SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
-    Path(args[1]).write_text(json.dumps(measure(spec), indent=2))
+    Path(args[1]).write_text(json.dumps(measure({**spec, "isolated": True}), indent=2))
     return 0
 
 

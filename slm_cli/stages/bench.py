@@ -1,0 +1,239 @@
+"""`slm bench`: how big, how hungry and how fast each artifact is when serving.
+
+Reads top to bottom: setup (the folders, what each one is) -> run (each artifact measured in a
+fresh process by slm_cli/evaluate/speed.py: parameters, bytes on disk, peak memory, prefill
+latency and decode tokens/s at the configured sizes, prefix-KV reuse on the predictive task) ->
+save (bench.json and tables; with bench.write_to_artifact=true each artifact's slm.json gets
+the results under metrics.bench).
+
+An FP8 (compressed-tensors) checkpoint is not timed on CPU: there are no FP8 matmul kernels
+here, so a latency would measure emulation and dequantization, not the format.
+
+Folders may follow the stage word: `slm bench A B` means `slm bench 'artifacts=[A,B]'`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+
+from slm_cli.config.schema import BenchStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+BENCH_FILE = "bench.json"
+# Hydra options that take the next word as their value (so that word is not a folder)
+_OPTIONS_WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package", "-p"}
+
+
+def folders_to_override(args: list[str]) -> list[str]:
+    """Bare words (not options, not key=value) become one `artifacts=[...]` override."""
+    keep, folders, skip = [], [], False
+    for a in args:
+        if skip or a.startswith("-") or "=" in a:
+            keep.append(a)
+            skip = a in _OPTIONS_WITH_VALUE
+            continue
+        folders.append(a)
+    if not folders:
+        return keep
+    quoted = ",".join('"' + f.replace("\\", "\\\\").replace('"', '\\"') + '"' for f in folders)
+    return [*keep, f"artifacts=[{quoted}]"]
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *folders_to_override(sys.argv[1:])]
+    hydra_main()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
+def hydra_main(cfg) -> None:
+    run_stage(cfg, BenchStageConfig, run)
+
+
+def run(cfg: BenchStageConfig, resolved: dict) -> dict:
+    import json
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from slm_cli import artifacts, ui
+    from slm_cli.data.corpus import write_atomic
+    from slm_cli.errors import SlmError
+    from slm_cli.evaluate import speed
+    from slm_cli.pretrained import resolve_model_path
+
+    # --- setup -------------------------------------------------------------------------------
+    ui.console.print(ui.resolved_config_panel(resolved))
+    b = cfg.bench
+    folders = []
+    for i, name in enumerate(cfg.artifacts):
+        path = Path(resolve_model_path(name))
+        if not (path / "config.json").is_file():
+            raise SlmError(f"artifacts[{i}]={name}: no model folder there (no config.json). Give an artifact folder.")
+        artifacts.check_readable(path, f"artifacts[{i}]")
+        folders.append(path)
+    meta = {p: artifacts.read_metadata(p, missing_ok=True) for p in folders}
+    if b.write_to_artifact:
+        plain = [str(p) for p in folders if meta[p] is None]
+        if plain:
+            raise SlmError(
+                f"bench.write_to_artifact=true but {', '.join(plain)} has no {artifacts.METADATA_FILE} (not an slm artifact). "
+                "Drop bench.write_to_artifact, or bench only slm artifacts."
+            )
+    spec_base = {
+        "device": cfg.device,
+        "seed": cfg.seed,
+        "threads": b.threads,
+        "warmup": b.warmup,
+        "repeats": b.repeats,
+        "prefill_batch_sizes": list(b.prefill_batch_sizes),
+        "prefill_seq_lens": list(b.prefill_seq_lens),
+        "decode_batch_sizes": list(b.decode_batch_sizes),
+        "decode_prompt_len": b.decode_prompt_len,
+        "decode_new_tokens": b.decode_new_tokens,
+        "scoring": (
+            {"prefix_examples": b.scoring.prefix_examples, "items": b.scoring.items, "batch_size": b.scoring.batch_size}
+            if b.scoring.enabled
+            else None
+        ),
+    }
+
+    # --- run ---------------------------------------------------------------------------------
+    results = []
+    for path in folders:
+        spec = {**spec_base, "path": str(path), "trust_remote_code": cfg.trust_remote_code or bool((meta[path] or {}).get("trust_remote_code"))}
+        with ui.console.status(f"measuring {path}"):
+            if b.isolate:
+                result = _measure_in_subprocess(spec)
+            else:
+                result = speed.measure(spec)
+        result["stage"] = (meta[path] or {}).get("stage")
+        result["name"] = str(cfg.artifacts[folders.index(path)])
+        results.append(result)
+        ui.console.print(f"[green]✓[/green] {result['name']}: {result.get('note') or _headline(result)}")
+
+    # --- save --------------------------------------------------------------------------------
+    out = Path(cfg.output_dir)
+    if out.exists():  # run_stage refused it unless overwrite=true
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    report = {
+        "artifacts": results,
+        "settings": spec_base,
+        "cpu_count": os.cpu_count(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": resolved,
+        "versions": artifacts.versions(),
+    }
+    write_atomic(out / BENCH_FILE, json.dumps(report, indent=2, default=str) + "\n")
+    if b.write_to_artifact:
+        for path, result in zip(folders, results):
+            merge_into_artifact(path, result)
+    ui.console.print(ui.records_table("bench: artifacts", [_summary_row(r) for r in results], SUMMARY_COLUMNS))
+    ui.console.print(ui.records_table("bench: timings (median, interquartile range and min-max of the repeats)", _timing_rows(results), TIMING_COLUMNS))
+    if any(r.get("note") == speed.FP8_NOTE for r in results):
+        ui.console.print(
+            "[dim]FP8 checkpoints: on this CPU there are no FP8 matmul kernels, so their latency is not measured "
+            "(it would time emulation and dequantization). Bench them on an H100-class GPU, e.g. under vLLM.[/dim]"
+        )
+    ui.console.print(f"results: {out / BENCH_FILE}")
+    return report
+
+
+SUMMARY_COLUMNS = ["artifact", "stage", "params", "size MB", "dtype", "device", "peak mem MB", "latency ms", "decode tok/s", "reuse speedup"]
+TIMING_COLUMNS = ["artifact", "measure", "setting", "median", "IQR", "min-max"]
+
+
+def _headline(r: dict) -> str:
+    parts = []
+    if r.get("latency_ms") is not None:
+        p = r["prefill"][0]
+        parts.append(f"prefill b{p['batch_size']}x{p['seq_len']} {r['latency_ms']:.2f} ms")
+    if r.get("decode_tokens_per_s") is not None:
+        parts.append(f"decode b{r['decode'][0]['batch_size']} {r['decode_tokens_per_s']:.1f} tok/s")
+    if isinstance(r.get("scoring"), dict) and "speedup" in r["scoring"]:
+        parts.append(f"prefix reuse x{r['scoring']['speedup']:.2f}")
+    return ", ".join(parts)
+
+
+def _summary_row(r: dict) -> dict:
+    from slm_cli.evaluate.speed import FP8_NOTE
+
+    na = FP8_NOTE if r.get("note") == FP8_NOTE else "-"
+    scoring = r.get("scoring") or {}
+    return {
+        "artifact": r["name"],
+        "stage": r.get("stage") or "-",
+        "params": r["params"],
+        "size MB": round(r["weights_bytes"] / 2**20, 2),
+        "dtype": r.get("dtype") or "-",
+        "device": r.get("device", "-"),
+        "peak mem MB": round(r["peak_memory_mb"], 1) if r.get("peak_memory_mb") is not None else na,
+        "latency ms": r["latency_ms"] if r.get("latency_ms") is not None else na,
+        "decode tok/s": r["decode_tokens_per_s"] if r.get("decode_tokens_per_s") is not None else na,
+        "reuse speedup": scoring["speedup"] if "speedup" in scoring else na,
+    }
+
+
+def _spread(s: dict) -> tuple[str, str, str]:
+    from slm_cli.ui import fmt
+
+    return fmt(s["median"]), f"{fmt(s['q1'])}-{fmt(s['q3'])}", f"{fmt(s['min'])}-{fmt(s['max'])}"
+
+
+def _timing_rows(results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        timed = [
+            ("prefill ms", f"batch {p['batch_size']} x {p['seq_len']} tokens", p["ms"]) for p in r.get("prefill", [])
+        ] + [
+            ("decode tok/s", f"batch {d['batch_size']}, {d['new_tokens']} new after {d['prompt_len']}", d["tokens_per_s"])
+            for d in r.get("decode", [])
+        ]
+        sc = r.get("scoring") or {}
+        if "speedup" in sc:
+            setting = f"{sc['items']} items after {sc['prefix_tokens']} prefix tokens, batch {sc['batch_size']}"
+            timed += [("items/s, no reuse", setting, sc["no_reuse_items_per_s"]), ("items/s, prefix KV reused", setting, sc["reuse_items_per_s"])]
+        for measure, setting, s in timed:
+            median, iqr, span = _spread(s)
+            rows.append({"artifact": r["name"], "measure": measure, "setting": setting, "median": median, "IQR": iqr, "min-max": span})
+    return rows
+
+
+def _measure_in_subprocess(spec: dict) -> dict:
+    """speed.measure(spec) in a fresh Python process, so its peak memory is this model's alone."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from slm_cli.errors import SlmError
+
+    with tempfile.TemporaryDirectory(prefix="slm-bench-") as tmp:
+        spec_file, result_file = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(spec_file, "w") as f:
+            json.dump(spec, f)
+        proc = subprocess.run(
+            [sys.executable, "-m", "slm_cli.evaluate.speed", spec_file, result_file], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise SlmError(f"measuring {spec['path']} failed (exit code {proc.returncode}):\n{tail}")
+        with open(result_file) as f:
+            return json.load(f)
+
+
+def merge_into_artifact(folder, result: dict) -> None:
+    """Set slm.json's metrics.bench to `result`, keeping everything else; atomic rewrite."""
+    import json
+    from pathlib import Path
+
+    from slm_cli import artifacts
+    from slm_cli.data.corpus import write_atomic
+
+    meta = artifacts.read_metadata(folder)
+    meta.setdefault("metrics", {})["bench"] = {k: v for k, v in result.items() if k not in ("name", "stage", "path")}
+    write_atomic(Path(folder) / artifacts.METADATA_FILE, json.dumps(meta, indent=2, default=str))
