@@ -614,6 +614,7 @@ class EvalSettings:
     max_new_tokens: int = 64  # exact_match: generation budget per example (greedy, KV cache)
     few_shot: int = 0  # exact_match: solved train examples put before each prompt (built-in tasks; 0 = zero-shot)
     stop: list[str] = field(default_factory=lambda: ["\n\n"])  # exact_match: generation also stops at these strings
+    chat: bool = False  # exact_match: send each prompt (with its shots) as a user turn of the chat template (instruct models)
     window: int = 512  # perplexity: tokens per forward pass (the context limit)
     stride: int = 256  # perplexity: new tokens scored per window (< window); each has >= window - stride tokens of context
     max_tokens: Optional[int] = None  # perplexity: score the first N tokens of the text only (null = all)

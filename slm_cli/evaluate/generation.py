@@ -13,6 +13,10 @@ answer "... #### 42". Because the shots are separated by a blank line, generatio
 first blank line (`stop=("\\n\\n",)`) as well as at EOS: a few-shot model would otherwise go on to
 invent the next question, whose numbers a scorer that reads the last number would pick up.
 
+Chat prompting (`chat=True`) is for instruct models scored on raw-text tasks: the prompt (with its
+shots) becomes one user turn of the tokenizer's chat template, and the model answers as the
+assistant, in its own words; the task's extractor then reads the answer out of that reply.
+
 Generation is greedy (argmax, deterministic), batched, with the KV cache: prompts are left-padded
 (collate_prompts) so every row's next token is predicted at the same column.
 """
@@ -52,6 +56,13 @@ def reference_text(example: dict) -> str:
         turns = [m for m in example["messages"] if m["role"] == "assistant"]
         return turns[-1]["content"] if turns else ""
     return example.get("completion", "")
+
+
+def as_chat_turn(example: dict) -> dict:
+    """A prompt/completion record re-posed as a chat: its prompt is the user turn."""
+    if record_shape(example) != "prompt_completion":
+        return example
+    return {**example, "messages": [{"role": "user", "content": example["prompt"].strip()}]}
 
 
 def few_shot_prompt(example: dict, shots: Sequence[dict]) -> dict:
@@ -137,12 +148,14 @@ def exact_match(
     stop: Sequence[str] = DEFAULT_STOP,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    chat: bool = False,
 ) -> dict:
     """Share of `examples` whose greedy generation the task scores as right.
 
     `task` provides `score(generation, example)` and `extract_answer(generation)` (a built-in
     task, or CompletionMatch for user data; None means CompletionMatch). With `few_shot=k`, the
     first k train examples of `task` for `seed` (or the given `shots`) are prepended to each prompt.
+    With `chat=True` each (few-shot) prompt is sent as one user turn of the chat template.
     Returns exact_match, correct, n, few_shot and `predictions` (one dict per example).
     """
     task = task if task is not None else CompletionMatch()
@@ -154,7 +167,10 @@ def exact_match(
             )
         shots = task.examples("train", few_shot, seed)
     shots = list(shots or [])[:few_shot] if few_shot else []
-    prompts = [prompt_ids(few_shot_prompt(ex, shots), tokenizer) for ex in examples]
+    posed = [few_shot_prompt(ex, shots) for ex in examples]
+    if chat:
+        posed = [as_chat_turn(ex) for ex in posed]
+    prompts = [prompt_ids(ex, tokenizer) for ex in posed]
     generations = greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens, stop, progress)
     predictions = []
     for ex, gen in zip(examples, generations):

@@ -112,7 +112,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
             result = exact_match(
                 model, tokenizer, data.task, data.examples, batch_size=cfg.eval.batch_size,
                 max_new_tokens=cfg.eval.max_new_tokens, few_shot=cfg.eval.few_shot, stop=tuple(cfg.eval.stop),
-                seed=cfg.seed, progress=advance,
+                seed=cfg.seed, progress=advance, chat=cfg.eval.chat,
             )
             rows = result.pop("predictions")
         else:
@@ -157,7 +157,7 @@ def _settings(cfg: EvalStageConfig, metric: str) -> dict:
     if metric == "perplexity":
         return {"window": e.window, "stride": e.stride, "max_tokens": e.max_tokens}
     if metric == "exact_match":
-        return {"few_shot": e.few_shot, "max_new_tokens": e.max_new_tokens, "stop": list(e.stop), "seed": cfg.seed}
+        return {"few_shot": e.few_shot, "chat": e.chat, "max_new_tokens": e.max_new_tokens, "stop": list(e.stop), "seed": cfg.seed}
     return {"seed": cfg.seed}
 
 

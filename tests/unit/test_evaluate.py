@@ -203,6 +203,21 @@ def test_generation_stops_at_blank_line():
     assert full["predictions"][0]["extracted"] == "9" and full["exact_match"] == 0.0
 
 
+def test_chat_prompting_sends_the_prompt_as_a_user_turn(tok):
+    """With chat=True the model sees the chat template's generation prompt, which ends differently
+    from the raw prompt; the lookup model answers only after the template's last token."""
+    task = TASKS["arithmetic"]
+    example = {"prompt": "Calculate 2 + 2.\nAnswer:", "completion": " 4", "answer": "4"}
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": example["prompt"]}], add_generation_prompt=True, tokenize=False)
+    chat_ids = tok(chat_ids, add_special_tokens=False)["input_ids"]
+    assert chat_ids[-1] != prompt_ids(example, tok)[-1]
+    model = lookup_model(tok, chain(tok, chat_ids[-1], " 4"))
+    raw = exact_match(model, tok, task, [example], batch_size=1, max_new_tokens=4)
+    chat = exact_match(model, tok, task, [example], batch_size=1, max_new_tokens=4, chat=True)
+    assert raw["predictions"][0]["generation"] == "" and chat["predictions"][0]["generation"] == " 4"
+    assert chat["exact_match"] == 1.0
+
+
 def test_few_shot_prompt_prepends_solved_train_examples(tok):
     task = TASKS["arithmetic"]
     shots = task.examples("train", 2, 0)
