@@ -324,7 +324,7 @@ class DistillSettings:
     gen_top_p: float = 1.0  # nucleus sampling threshold (1 = off)
     gen_top_k: int = 0  # top-k sampling (0 = off)
     fused_loss: bool = True  # chunked fused-linear loss: the tokens x vocab logits never exist at once
-    chunk_size: int = 1024  # tokens per chunk of the fused loss
+    chunk_size: int = 256  # tokens per chunk of the fused loss (peak extra memory ~4 x chunk x vocab floats)
     compile: bool = False  # torch.compile the fused loss's per-chunk math
     teacher_logits: str = "online"  # online: run the teacher each step | precompute: read a top-k cache written once
     logits_top_k: int = 64  # precompute: teacher log-probs kept per position (the rest of the mass kept as one bucket)
@@ -550,7 +550,7 @@ class BenchStageConfig:
     """`slm bench`: size, memory, prefill latency, decode tokens/s and prefix reuse of each artifact."""
 
     stage: str = "bench"  # which stage this config drives
-    artifacts: list[str] = field(default_factory=list)  # model folders to measure: artifacts=[runs/a/teacher,runs/a/student]
+    artifacts: Union[list[str], str] = field(default_factory=list)  # model folders to measure: artifacts=[runs/a/teacher,runs/a/student]
     seed: int = 0  # fixes the random prompts and the scoring workload
     device: Optional[str] = None  # cpu | cuda; null = cuda when present, else cpu
     trust_remote_code: bool = False  # run model code shipped with a checkpoint (only if you trust its source)
@@ -574,7 +574,7 @@ class ReportStageConfig:
     """`slm report`: one table, report.md/.json and a plot for artifacts and their whole lineage."""
 
     stage: str = "report"  # which stage this config drives
-    artifacts: list[str] = field(default_factory=list)  # artifact folders (or a pipeline's output_root); parents are found via slm.json
+    artifacts: Union[list[str], str] = field(default_factory=list)  # artifact folders (or a pipeline's output_root); parents are found via slm.json
     title: str = "slm report"  # heading of report.md and the plot
     output_dir: str = "outputs/report/results"  # report.md, report.json and report.png are written here
     overwrite: bool = False  # replace an existing output_dir
@@ -588,11 +588,144 @@ class ReportStageConfig:
         return out
 
 
+PRUNE_METHODS = ("osscar", "activation", "wanda_sp", "magnitude")  # slm_cli/prune/solver.py METHODS
+PRUNE_DEPTH_METHODS = ("block_influence",)  # slm_cli/prune/calibrate.py DEPTH_METHODS
+
+
+@dataclass
+class PruneSettings:
+    """What `slm prune` removes (same widths in every layer) and how it chooses.
+
+    The MLP width is set by exactly one of keep_ffn (a fraction), keep_ffn_count (a count) or
+    target_params (a total size); two names instead of one number keep `keep_ffn=1` from meaning
+    "everything" to one user and "one neuron" to another: an int keep_ffn is refused.
+    """
+
+    method: str = "osscar"  # osscar | activation | wanda_sp | magnitude: how kept neurons/heads are chosen (osscar also refits)
+    keep_ffn: Optional[Union[int, float]] = None  # fraction of MLP neurons kept per layer, in (0, 1], e.g. 0.5; null = see keep_ffn_count / target_params, else all
+    keep_ffn_count: Optional[int] = None  # MLP neurons kept per layer, a count (instead of keep_ffn)
+    target_params: Optional[Union[int, float]] = None  # total parameters wanted (e.g. 1e8): picks the largest keep_ffn_count that fits, after heads and layers
+    keep_kv_heads: Optional[int] = None  # KV heads kept per layer, with their query heads; null = all
+    keep_q_per_kv: Optional[int] = None  # query heads kept per kept KV head (GQA group); null = all
+    drop_layers: int = 0  # whole decoder layers removed (the least useful by depth_method)
+    depth_method: str = "block_influence"  # how layers are scored for drop_layers: block_influence (ShortGPT)
+    round_to: int = 1  # kept MLP width rounded to a multiple of this (e.g. 64 for GPU kernels)
+    ridge: float = 0.01  # osscar: damping of the calibration Gram matrix, H + ridge * mean(diag H) * I
+    local_search_iters: int = 16  # osscar: at most this many improving swaps per layer after the greedy (0 = greedy only)
+    swap_candidates: int = 32  # osscar: pruned groups tried per swap
+    greedy_steps: int = 64  # osscar: removal steps of the greedy phase (more = closer to one-at-a-time)
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(
+            self.method not in PRUNE_METHODS, f"{where}.method={self.method!r}: choose one of {', '.join(PRUNE_METHODS)}", out
+        )
+        _problems_if(
+            self.depth_method not in PRUNE_DEPTH_METHODS,
+            f"{where}.depth_method={self.depth_method!r}: choose one of {', '.join(PRUNE_DEPTH_METHODS)}",
+            out,
+        )
+        if isinstance(self.keep_ffn, int):
+            out.append(
+                f"{where}.keep_ffn={self.keep_ffn} is an integer, but keep_ffn is the fraction of MLP neurons kept: "
+                f"write {where}.keep_ffn={float(self.keep_ffn)} for a fraction, or {where}.keep_ffn_count={self.keep_ffn} "
+                "for a number of neurons"
+            )
+        elif self.keep_ffn is not None:
+            _problems_if(
+                not 0.0 < self.keep_ffn <= 1.0,
+                f"{where}.keep_ffn={self.keep_ffn} must be a fraction in (0, 1] (keep 0 would remove the MLP); "
+                f"for a number of neurons use {where}.keep_ffn_count",
+                out,
+            )
+        _problems_if(
+            self.keep_ffn_count is not None and self.keep_ffn_count < 1,
+            f"{where}.keep_ffn_count={self.keep_ffn_count} must be >= 1",
+            out,
+        )
+        if self.target_params is not None:
+            _problems_if(
+                self.target_params < 1 or float(self.target_params) != int(self.target_params),
+                f"{where}.target_params={self.target_params} must be a whole number of parameters >= 1, e.g. 1e8",
+                out,
+            )
+        given = [n for n in ("keep_ffn", "keep_ffn_count", "target_params") if getattr(self, n) is not None]
+        _problems_if(
+            len(given) > 1,
+            f"{where}: set only one of {', '.join(given)} (each fixes the MLP width); null the others",
+            out,
+        )
+        for name in ("keep_kv_heads", "keep_q_per_kv"):
+            v = getattr(self, name)
+            _problems_if(v is not None and v < 1, f"{where}.{name}={v} must be >= 1 (or null to keep all)", out)
+        _problems_if(self.drop_layers < 0, f"{where}.drop_layers={self.drop_layers} must be >= 0", out)
+        _problems_if(self.round_to < 1, f"{where}.round_to={self.round_to} must be >= 1", out)
+        _problems_if(
+            self.keep_ffn_count is not None and self.round_to > 1 and self.keep_ffn_count % self.round_to != 0,
+            f"{where}.keep_ffn_count={self.keep_ffn_count} is not a multiple of {where}.round_to={self.round_to}",
+            out,
+        )
+        _problems_if(self.ridge < 0, f"{where}.ridge={self.ridge} must be >= 0", out)
+        _problems_if(self.local_search_iters < 0, f"{where}.local_search_iters={self.local_search_iters} must be >= 0", out)
+        for name in ("swap_candidates", "greedy_steps"):
+            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
+        return out
+
+
+@dataclass
+class PruneCalibrationConfig:
+    """Calibration text for `slm prune`: the first samples*seq_len tokens of a source's validation split."""
+
+    source: str = "shakespeare"  # data source; its validation split is used (a corpus' calibration split)
+    samples: int = 64  # N: sequences
+    seq_len: int = 256  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
+    batch_size: int = 8  # sequences per forward pass
+
+    def problems(self, where: str) -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.source, f"{where}.source is empty: name a corpus, task or data file", out)
+        for name in ("samples", "seq_len", "batch_size"):
+            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
+        return out
+
+
+@dataclass
+class PruneEvalConfig(QuantEvalConfig):
+    """Perplexity of the source and of the saved pruned checkpoint on the same held-out text (test split)."""
+
+
+@dataclass
+class PruneStageConfig:
+    """`slm prune`: structured pruning (OSSCAR or a baseline) of an artifact into a smaller standard checkpoint."""
+
+    stage: str = "prune"  # which stage this config drives (set by the stage's YAML)
+    model_path: str = "???"  # the artifact (or any HF causal-LM folder, or smollm2-135m-instruct) to prune
+    dtype: str = "float32"  # dtype the source is loaded, pruned and saved in (statistics are accumulated in float32)
+    seed: int = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
+    output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
+    overwrite: bool = False  # replace an existing output_dir
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
+    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    calibration: PruneCalibrationConfig = field(default_factory=PruneCalibrationConfig)
+    eval: PruneEvalConfig = field(default_factory=PruneEvalConfig)
+
+    def problems(self, where: str = "") -> list[str]:
+        out: list[str] = []
+        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _problems_if(not self.model_path, "model_path is empty: give the artifact folder to prune", out)
+        _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
+        _problems_if(self.threads is not None and self.threads < 1, f"threads={self.threads} must be >= 1 or null", out)
+        out += self.prune.problems("prune") + self.calibration.problems("calibration") + self.eval.problems("eval")
+        return out
+
+
 STAGE_SCHEMAS = {
     "teacher": TeacherStageConfig,
     "student": StudentStageConfig,
     "distill": DistillStageConfig,
     "quantize": QuantizeStageConfig,
+    "prune": PruneStageConfig,
     "run": RunStageConfig,
     "bench": BenchStageConfig,
     "report": ReportStageConfig,
