@@ -396,7 +396,7 @@ def measure(spec: dict) -> dict:
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.get("trust_remote_code", False))
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the modeling module
     if spec.get("scoring"):
         import slm_cli.data.tasks  # noqa: F401
     q = torch.ones(1, 1, 4, 8)  # the math libraries' one-off workspaces are the process's, not the model's

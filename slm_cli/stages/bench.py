@@ -68,8 +68,9 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     # --- setup -------------------------------------------------------------------------------
     ui.console.print(ui.resolved_config_panel(resolved))
     b = cfg.bench
+    names = [cfg.artifacts] if isinstance(cfg.artifacts, str) else list(cfg.artifacts)  # one folder from a pipeline input
     folders = []
-    for i, name in enumerate(cfg.artifacts):
+    for i, name in enumerate(names):
         path = Path(resolve_model_path(name))
         if not (path / "config.json").is_file():
             raise SlmError(f"artifacts[{i}]={name}: no model folder there (no config.json). Give an artifact folder.")
@@ -103,15 +104,13 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
 
     # --- run ---------------------------------------------------------------------------------
     results = []
-    for path in folders:
-        spec = {**spec_base, "path": str(path), "trust_remote_code": cfg.trust_remote_code or bool((meta[path] or {}).get("trust_remote_code"))}
-        with ui.console.status(f"measuring {path}"):
-            if b.isolate:
-                result = _measure_in_subprocess(spec)
-            else:
-                result = speed.measure(spec)
+    for name, path in zip(names, folders):
+        trust = cfg.trust_remote_code or bool((meta[path] or {}).get("trust_remote_code"))
+        spec = {**spec_base, "path": str(path), "trust_remote_code": trust}
+        with ui.console.status(f"measuring {name}"):
+            result = _measure_in_subprocess(spec) if b.isolate else speed.measure(spec)
         result["stage"] = (meta[path] or {}).get("stage")
-        result["name"] = str(cfg.artifacts[folders.index(path)])
+        result["name"] = name
         results.append(result)
         ui.console.print(f"[green]✓[/green] {result['name']}: {result.get('note') or _headline(result)}")
 

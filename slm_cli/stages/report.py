@@ -61,4 +61,5 @@ def run(cfg: ReportStageConfig, resolved: dict) -> dict:
         shutil.rmtree(out)
 
     # --- run and save ------------------------------------------------------------------------
-    return write_report([Path(a) for a in cfg.artifacts], out, cfg.title)
+    folders = [cfg.artifacts] if isinstance(cfg.artifacts, str) else list(cfg.artifacts)  # one folder from a pipeline input
+    return write_report([Path(a) for a in folders], out, cfg.title)
