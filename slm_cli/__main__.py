@@ -18,7 +18,7 @@ STAGES: dict[str, tuple[str | None, str]] = {
     "teacher": ("slm_cli.stages.teacher", "Fine-tune the teacher on the task (SFT, DeepSpeed)"),
     "student": ("slm_cli.stages.student", "Build a small student (config, pretrained or teacher layers) and fine-tune it"),
     "distill": ("slm_cli.stages.distill", "Logit and on-policy distillation from a teacher"),
-    "prune": (None, "Structured pruning of heads, MLP neurons and layers (OSSCAR)"),
+    "prune": ("slm_cli.stages.prune", "Structured pruning of heads, MLP neurons and layers (OSSCAR), checked and measured"),
     "quantize": ("slm_cli.stages.quantize", "FP8 checkpoints in the compressed-tensors format vLLM reads"),
     "eval": ("slm_cli.stages.eval", "Perplexity, exact match and AUC of any artifact"),
     "bench": ("slm_cli.stages.bench", "Size, memory, latency, tokens/s and prefix-KV reuse of artifacts"),

@@ -6,10 +6,12 @@ Entry point: ``prune_model(model, calib_batches, PrunePlan(...)) -> (model, Prun
 
 from .calibrate import (
     DEPTH_METHODS,
+    LayerInputs,
     LayerReport,
     PrunePlan,
     PruneReport,
     block_influence,
+    capture_layer_inputs,
     collect_input_stats,
     count_params,
     count_params_after,
@@ -19,22 +21,28 @@ from .calibrate import (
 )
 from .solver import METHODS, InputStats, Selection, SolverOptions, osscar
 from .surgery import drop_layers, prune_attention, prune_mlp, update_config
+from .targets import SUPPORTED_MODEL_TYPES, keep_ffn_for_params, plan_problems
 
 __all__ = [
     "DEPTH_METHODS",
     "METHODS",
     "InputStats",
+    "LayerInputs",
     "LayerReport",
     "PrunePlan",
     "PruneReport",
     "Selection",
+    "SUPPORTED_MODEL_TYPES",
     "SolverOptions",
     "block_influence",
+    "capture_layer_inputs",
     "collect_input_stats",
     "count_params",
     "count_params_after",
     "drop_layers",
+    "keep_ffn_for_params",
     "osscar",
+    "plan_problems",
     "prune_attention",
     "prune_mlp",
     "prune_model",

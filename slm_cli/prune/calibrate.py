@@ -6,10 +6,17 @@ Order of work (each step sees the model as already pruned by the steps before it
    barely rotates its residual stream changes little when removed.
 2. Width, for layers in order: attention first, then the MLP of the same layer.  For each, a forward
    pre-hook on o_proj / down_proj accumulates the input Gram matrix H = sum x x^T (float32) and
-   sum |x| over the calibration tokens, then raises to stop the forward early (later layers are not
-   needed).  The chosen method (``solver.METHODS``) picks the kept groups and (for OSSCAR) refits
-   o_proj / down_proj; surgery removes the rest.  Because layer i+1 is calibrated on the outputs of
-   the pruned layer i, later layers correct for earlier error, as in OSSCAR.
+   sum |x| over the calibration tokens, then raises to stop the forward early.  The chosen method
+   (``solver.METHODS``) picks the kept groups and (for OSSCAR) refits o_proj / down_proj; surgery
+   removes the rest.  Because layer i+1 is calibrated on the outputs of the pruned layer i, later
+   layers correct for earlier error, as in OSSCAR.
+
+Cached layer inputs: the decoder layers are replaced for one pass by catchers that record what the
+model feeds them (layer 0's hidden states; every layer's keyword arguments: rotary cos/sin, causal
+mask, position ids) and stop before the LM head.  From then on only the layer being pruned runs,
+on the cached hidden states, which are then advanced through the pruned layer.  A model of L
+layers costs about 3L layer forwards per batch instead of the ~L^2 of re-running the model from
+the embeddings for each pruned module.
 
 Attention with GQA has two nested choices: which KV heads to keep (a group = the n_rep query
 heads reading one KV head, n_rep * head_dim columns of o_proj), then how many query heads to keep
@@ -24,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -267,6 +275,89 @@ def block_influence(model: nn.Module, batches: list[Batch]) -> Tensor:
     return total / count.clamp_min(1)
 
 
+@dataclass
+class LayerInputs:
+    """What the model feeds each decoder layer, per calibration batch (see module doc).
+
+    hidden: per batch, the (B, T, hidden) input of the layer currently being pruned.
+    kwargs: per layer, per batch, the keyword arguments the model passed that layer.
+    masks: per batch, the (B, T) bool mask of real tokens, or None.
+    """
+
+    hidden: list[Tensor]
+    kwargs: list[list[dict]]
+    masks: list[Tensor | None]
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: list[Batch]) -> LayerInputs:
+    """Run the embeddings once per batch, recording every layer's inputs without computing any layer."""
+    layers = decoder_layers(model)
+    kwargs: list[list[dict]] = [[] for _ in layers]
+    hidden: list[Tensor] = []
+
+    def make_catcher(i):
+        def catcher(hidden_states, *args, **kw):
+            if args:
+                raise ValueError(f"decoder layer {i} received positional arguments; expected keywords only")
+            kwargs[i].append(kw)
+            if i == 0:
+                hidden.append(hidden_states)
+            if i == len(layers) - 1:
+                raise _StopForward
+            return hidden_states
+        return catcher
+
+    masks: list[Tensor | None] = []
+    for i, layer in enumerate(layers):
+        layer.forward = make_catcher(i)  # an instance attribute shadows the class's forward
+    try:
+        _run(model, batches, masks.append)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return LayerInputs(hidden=hidden, kwargs=kwargs, masks=masks)
+
+
+def _layer_output(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def layer_input_stats(layer: nn.Module, module: nn.Module, inputs: LayerInputs, index: int) -> InputStats:
+    """``collect_input_stats`` for ``module`` inside ``layer``, run on the cached layer inputs only."""
+    d = module.in_features
+    device = module.weight.device
+    state = {"gram": torch.zeros(d, d, device=device), "abs": torch.zeros(d, device=device), "n": 0, "mask": None}
+
+    def hook(_module, args):
+        rows = _token_rows(args[0], state["mask"])
+        state["gram"].addmm_(rows.T, rows)
+        state["abs"] += rows.abs().sum(0)
+        state["n"] += rows.shape[0]
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for h, kw, mask in zip(inputs.hidden, inputs.kwargs[index], inputs.masks):
+            state["mask"] = mask
+            try:
+                layer(h, **kw)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if state["n"] == 0:
+        raise ValueError("no calibration tokens reached the layer: give non-empty calibration batches")
+    return InputStats(gram=state["gram"], abs_sum=state["abs"], count=state["n"])
+
+
+@torch.no_grad()
+def advance(layer: nn.Module, inputs: LayerInputs, index: int) -> None:
+    """Replace the cached hidden states by ``layer``'s outputs: the inputs of the next layer."""
+    inputs.hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs[index])]
+
+
 DEPTH_METHODS: dict[str, Callable[[nn.Module, list[Batch]], Tensor]] = {
     "block_influence": block_influence,
 }
@@ -308,14 +399,15 @@ def _errors(stats: InputStats, W: Tensor, cols: Tensor, weight: Tensor) -> tuple
     return relative_error(H, Wd, cols, Wd[cols]), relative_error(H, Wd, cols, weight.double())
 
 
-def _prune_layer_attention(model, layer, batches, plan: PrunePlan, t: Targets, report: LayerReport) -> None:
+def _prune_layer_attention(layer, stats_of: Callable[[nn.Module], InputStats], plan: PrunePlan, t: Targets,
+                           report: LayerReport) -> None:
     attn = layer.self_attn
     n_q, n_kv, head_dim = attention_shape(attn)
     n_rep = n_q // n_kv
     if t.num_key_value_heads == n_kv and t.q_per_kv == n_rep:
         return
     method, options = METHODS[plan.method], plan.solver_options()
-    stats = collect_input_stats(model, attn.o_proj, batches)
+    stats = stats_of(attn.o_proj)
     W = attn.o_proj.weight.detach().T.float()
     kv = torch.arange(n_kv)
     cols, weight, sub_stats, swaps = torch.arange(n_q * head_dim), W, stats, 0
@@ -337,11 +429,12 @@ def _prune_layer_attention(model, layer, batches, plan: PrunePlan, t: Targets, r
     prune_attention(layer, keep_kv_heads=kv, keep_q_heads=q, new_o_weight=weight.T)
 
 
-def _prune_layer_mlp(model, layer, batches, plan: PrunePlan, t: Targets, report: LayerReport) -> None:
+def _prune_layer_mlp(layer, stats_of: Callable[[nn.Module], InputStats], plan: PrunePlan, t: Targets,
+                     report: LayerReport) -> None:
     down = layer.mlp.down_proj
     if t.intermediate_size == down.in_features:
         return
-    stats = collect_input_stats(model, down, batches)
+    stats = stats_of(down)
     W = down.weight.detach().T.float()
     sel = METHODS[plan.method](stats, W, group_size=1, keep=t.intermediate_size, options=plan.solver_options())
     report.kept_ffn = sel.kept.tolist()
@@ -350,11 +443,18 @@ def _prune_layer_mlp(model, layer, batches, plan: PrunePlan, t: Targets, report:
     prune_mlp(layer, sel.kept, new_down_weight=sel.weight.T)
 
 
+def _widths(config) -> tuple[int, int, int]:
+    """(intermediate_size, KV heads, query heads per KV head) of a config."""
+    n_kv = config.num_key_value_heads or config.num_attention_heads
+    return config.intermediate_size, n_kv, config.num_attention_heads // n_kv
+
+
 def prune_model(model: nn.Module, calib_batches: Iterable[Batch], plan: PrunePlan) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place by ``plan`` using calibration batches; returns (model, report).
 
     calib_batches: (B, T) input_ids tensors or dicts with input_ids and optional attention_mask
-    (padded tokens are left out of every statistic).  They are iterated twice per pruned layer.
+    (padded tokens are left out of every statistic).  Every layer's inputs are cached once (see the
+    module doc); each layer then runs at most three times per batch.
     """
     t = resolve_targets(model.config, plan)
     pruned_config(model.config, plan)  # fail now, before any work, if transformers would reject it
@@ -373,10 +473,17 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Batch], plan: PrunePla
             log.info("dropping layers %s (%s %s)", dropped, plan.depth_method, [f"{s:.4f}" for s in scores.tolist()])
             drop_layers(model, dropped)
             source = [i for i in source if i not in set(dropped)]
-        for i, layer in enumerate(decoder_layers(model)):
+        layers = decoder_layers(model)
+        prunes_width = (t.intermediate_size, t.num_key_value_heads, t.q_per_kv) != _widths(model.config)
+        inputs = capture_layer_inputs(model, batches) if prunes_width else None
+        for i, layer in enumerate(layers):
             entry = LayerReport(layer=i, source_layer=source[i])
-            _prune_layer_attention(model, layer, batches, plan, t, entry)
-            _prune_layer_mlp(model, layer, batches, plan, t, entry)
+            if inputs is not None:
+                stats_of = partial(layer_input_stats, layer, inputs=inputs, index=i)
+                _prune_layer_attention(layer, stats_of, plan, t, entry)
+                _prune_layer_mlp(layer, stats_of, plan, t, entry)
+                if i + 1 < len(layers):
+                    advance(layer, inputs, i)
             report.layers.append(entry)
             log.info("layer %d: ffn error %s -> %s, attn error %s -> %s", i, entry.ffn_error_before_refit,
                      entry.ffn_error_after_refit, entry.attn_error_before_refit, entry.attn_error_after_refit)

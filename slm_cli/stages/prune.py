@@ -1,0 +1,236 @@
+"""`slm prune`: structured pruning (OSSCAR or a baseline) of an artifact into a smaller standard checkpoint.
+
+Reads top to bottom: setup (the request checked against the source's config before any weights
+are read, the predicted size, calibration and evaluation text) -> run (perplexity of the source,
+prune layer by layer, save into the staging folder, perplexity of the saved checkpoint loaded
+back with plain `from_pretrained`) -> save (slm.json with the source as parent, what was kept
+in every layer, the reconstruction errors and the calibration set; published atomically).
+
+The MLP width is given by exactly one of `prune.keep_ffn` (a fraction of intermediate_size),
+`prune.keep_ffn_count` (neurons per layer) or `prune.target_params` (a total size: the largest
+width that fits after the head and layer settings, rounded down to `prune.round_to`).
+Calibration uses the first `calibration.samples * calibration.seq_len` tokens of the
+`calibration.source` validation split (a corpus' calibration split). Perplexity is the
+sliding-window one of slm_cli/evaluate/perplexity.py on the first `eval.max_tokens` tokens of the
+`eval.source` test split.
+"""
+
+from __future__ import annotations
+
+import hydra
+
+from slm_cli.config.schema import PruneStageConfig
+from slm_cli.paths import CONFIG_DIR
+from slm_cli.runner import run_stage
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="prune", version_base="1.3")
+def main(cfg) -> None:
+    run_stage(cfg, PruneStageConfig, run)
+
+
+def split_text(source: str, split: str, seed: int) -> str:
+    """The records of one split of a data source, as one text (blocks joined by blank lines)."""
+    from slm_cli.data import load_splits
+    from slm_cli.models import example_texts
+
+    splits = load_splits(source, train_size=1, val_size=None, test_size=None, seed=seed)
+    return "\n\n".join(example_texts(splits[split]))
+
+
+def calibration_rows(text: str, tokenizer, samples: int, seq_len: int):
+    """The first samples*seq_len tokens of `text` as a (rows, seq_len) tensor of input ids."""
+    import torch
+
+    from slm_cli.errors import SlmError
+
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    rows = min(samples, len(ids) // seq_len)
+    if rows < 1:
+        raise SlmError(
+            f"the calibration text has {len(ids)} tokens, fewer than calibration.seq_len={seq_len}; "
+            "lower calibration.seq_len or choose a larger calibration.source"
+        )
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+def make_plan(settings, config):
+    """The library's PrunePlan for these settings on a model with `config`, and a note on what
+    target_params chose (None otherwise). Raises SlmError listing every impossible target."""
+    import dataclasses
+
+    from slm_cli.errors import SlmError
+    from slm_cli.prune import PrunePlan, keep_ffn_for_params, plan_problems
+
+    if settings.keep_ffn_count is not None:
+        keep_ffn = settings.keep_ffn_count
+    elif settings.keep_ffn is not None:
+        keep_ffn = float(settings.keep_ffn)
+    else:
+        keep_ffn = 1.0
+    plan = PrunePlan(
+        method=settings.method, keep_ffn=keep_ffn, keep_kv_heads=settings.keep_kv_heads,
+        keep_q_per_kv=settings.keep_q_per_kv, drop_layers=settings.drop_layers, depth_method=settings.depth_method,
+        round_to=settings.round_to, ridge=settings.ridge, local_search_iters=settings.local_search_iters,
+        swap_candidates=settings.swap_candidates, greedy_steps=settings.greedy_steps,
+    )
+    problems = plan_problems(config, plan)
+    if problems:
+        raise SlmError(_listed(problems, config))
+    note = None
+    if settings.target_params is not None:
+        try:
+            count, params = keep_ffn_for_params(config, plan, int(settings.target_params))
+        except ValueError as err:
+            raise SlmError(str(err)) from err
+        plan = dataclasses.replace(plan, keep_ffn=count)
+        note = (
+            f"prune.target_params={int(settings.target_params):,} -> keep_ffn_count={count} of "
+            f"{config.intermediate_size} MLP neurons per layer ({params:,} parameters)"
+        )
+    return plan, note
+
+
+def _listed(problems: list[str], config) -> str:
+    shape = (
+        f"(the model: {config.num_hidden_layers} layers, intermediate_size {config.intermediate_size}, "
+        f"{config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads)"
+    )
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{len(problems)} impossible pruning target(s) {shape}:\n{lines}"
+
+
+def layer_rows(report) -> list[dict]:
+    """One table row per kept layer: its source index, kept widths and relative reconstruction errors."""
+    rows = []
+    for entry in report.layers:
+        rows.append({
+            "layer": entry.layer,
+            "source layer": entry.source_layer,
+            "ffn kept": len(entry.kept_ffn) if entry.kept_ffn is not None else "all",
+            "ffn err (no refit)": entry.ffn_error_before_refit if entry.ffn_error_before_refit is not None else "-",
+            "ffn err": entry.ffn_error_after_refit if entry.ffn_error_after_refit is not None else "-",
+            "q heads kept": len(entry.kept_q_heads) if entry.kept_q_heads is not None else "all",
+            "attn err (no refit)": entry.attn_error_before_refit if entry.attn_error_before_refit is not None else "-",
+            "attn err": entry.attn_error_after_refit if entry.attn_error_after_refit is not None else "-",
+            "swaps": entry.swaps,
+        })
+    return rows
+
+
+def run(cfg: PruneStageConfig, resolved: dict) -> dict:
+    import dataclasses
+    import math
+    import time
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from slm_cli import artifacts, models, ui
+    from slm_cli.errors import SlmError
+    from slm_cli.evaluate.perplexity import perplexity
+    from slm_cli.pretrained import resolve_model_path
+    from slm_cli.prune import count_params_after, prune_model
+
+    # --- setup -------------------------------------------------------------------------------
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    ui.console.print(ui.resolved_config_panel(resolved))
+    tokenizer = models.load_tokenizer(cfg.model_path, cfg.trust_remote_code, field="model_path")  # checks the folder
+    source = Path(resolve_model_path(cfg.model_path))
+    config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    plan, note = make_plan(cfg.prune, config)
+    if note:
+        ui.console.print(f"[bold]{note}[/bold]", highlight=False)
+    predicted = count_params_after(config, plan)
+    model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
+    calib = calibration_rows(
+        split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer, cfg.calibration.samples, cfg.calibration.seq_len
+    )
+    batches = list(calib.split(cfg.calibration.batch_size))
+    eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
+
+    def score(m) -> dict:
+        return perplexity(
+            m, tokenizer, eval_text, window=cfg.eval.window, stride=cfg.eval.stride,
+            max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size,
+        )
+
+    # --- run ---------------------------------------------------------------------------------
+    with ui.console.status("perplexity of the source"):
+        ppl_source = score(model) if eval_text else None
+    with ui.console.status(f"pruning with {plan.method} ({len(calib)} x {calib.shape[1]} calibration tokens)"):
+        start = time.perf_counter()
+        model, report = prune_model(model, batches, plan)
+        prune_seconds = time.perf_counter() - start
+    if report.params_after != predicted:  # the surgery and the prediction disagree: a bug, never publish it
+        raise SlmError(f"the pruned model has {report.params_after:,} parameters, {predicted:,} were predicted")
+    out = artifacts.begin(cfg.output_dir, cfg.overwrite)
+    models.save_model(model, tokenizer, out)
+    del model
+    ppl_pruned = None
+    if eval_text:
+        with ui.console.status("perplexity of the saved pruned checkpoint, loaded back"):
+            reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
+            ppl_pruned = score(reloaded)
+            del reloaded
+    ui.console.print(
+        ui.records_table(
+            f"{plan.method}: per-layer relative reconstruction error ||X W_hat - X W||^2 / ||X W||^2 "
+            "(no refit = kept columns with their old weights)",
+            layer_rows(report),
+            ["layer", "source layer", "ffn kept", "ffn err (no refit)", "ffn err", "q heads kept",
+             "attn err (no refit)", "attn err", "swaps"],
+        )
+    )
+
+    # --- save --------------------------------------------------------------------------------
+    pruned_cfg = models.read_config(out)
+    metrics = {
+        "method": plan.method,
+        "params_before": report.params_before,
+        "params_after": report.params_after,
+        "params_ratio": report.params_after / report.params_before,
+        "intermediate_size": pruned_cfg["intermediate_size"],
+        "num_attention_heads": pruned_cfg["num_attention_heads"],
+        "num_key_value_heads": pruned_cfg["num_key_value_heads"],
+        "num_hidden_layers": pruned_cfg["num_hidden_layers"],
+        "dropped_layers": report.dropped_layers,
+        "prune_seconds": prune_seconds,
+        "calibration_rows": int(calib.shape[0]),
+        "calibration_seq_len": int(calib.shape[1]),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    if ppl_source is not None:
+        metrics.update({
+            "eval_tokens": ppl_source["tokens"],
+            "eval_window": ppl_source["window"],
+            "eval_stride": ppl_source["stride"],
+            "perplexity_source": ppl_source["perplexity"],
+            "perplexity_pruned": ppl_pruned["perplexity"],
+            "perplexity_increase_pct": 100.0 * (ppl_pruned["perplexity"] / ppl_source["perplexity"] - 1.0),
+        })
+        if not math.isfinite(metrics["perplexity_pruned"]):
+            ui.console.print("[bold yellow]warning:[/bold yellow] the pruned model's perplexity is not finite")
+    calibration = {
+        "source": cfg.calibration.source,
+        "split": "validation",
+        "rows": int(calib.shape[0]),
+        "seq_len": int(calib.shape[1]),
+        "tokens": int(calib.numel()),
+    }
+    artifacts.write_metadata(
+        out, stage="prune", config=resolved, parents=[artifacts.parent("source", source)], metrics=metrics,
+        extra={
+            "pruning": {**report.to_dict(), "plan": dataclasses.asdict(plan), "target_note": note},
+            "calibration": calibration,
+            "trust_remote_code": cfg.trust_remote_code,
+        },
+    )
+    final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
+    ui.console.print(ui.kv_table(f"prune artifact: {final}", ui.metric_rows(metrics)))
+    return metrics

@@ -1,0 +1,165 @@
+"""`slm prune` end to end on tiny Llama and Qwen3 (GQA) artifacts: the real CLI in-process, the pruned
+checkpoint read back with plain transformers, its size against the prediction, slm.json, and refusals."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
+
+from slm_cli import artifacts
+from slm_cli.data import load_splits
+from slm_cli.data.tokenizer import train_bpe_tokenizer
+from slm_cli.evaluate.perplexity import perplexity
+from slm_cli.prune import PrunePlan, count_params, count_params_after
+from tests.stages.helpers import meta
+
+FAST = [
+    "calibration.samples=4", "calibration.seq_len=64", "calibration.batch_size=2",
+    "eval.max_tokens=256", "eval.window=128", "eval.stride=64", "threads=1",
+]
+CONFIGS = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [r["text"] for r in load_splits("shakespeare", train_size=60, val_size=1, test_size=1)["train"]]
+    return train_bpe_tokenizer(texts, vocab_size=384)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tokenizer):
+    """2-layer Llama and Qwen3 artifacts (4 query heads, 2 KV heads) recording a parent."""
+    root = tmp_path_factory.mktemp("prune-src")
+    out = {}
+    for i, (kind, cls) in enumerate(CONFIGS.items()):
+        config = cls(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )
+        torch.manual_seed(i)
+        folder = root / kind
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        artifacts.write_metadata(folder, stage="student", config={}, parents=[], metrics={})
+        out[kind] = folder
+    return out
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind):
+    src, out = sources[kind], tmp_path / "pruned"
+    args = ["prune.keep_ffn=0.5", "prune.keep_q_per_kv=1", "prune.local_search_iters=4"]
+    assert slm("prune", f"model_path={src}", *args, *FAST, f"output_dir={out}") == 0
+    assert not (tmp_path / "pruned.work").exists()
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    source_config = AutoModelForCausalLM.from_pretrained(src).config
+    predicted = count_params_after(source_config, PrunePlan(keep_ffn=0.5, keep_q_per_kv=1))
+    m = meta(out)
+    metrics = m["metrics"]
+    assert count_params(model) == predicted == metrics["params_after"] < metrics["params_before"]
+    assert (model.config.intermediate_size, model.config.num_attention_heads, model.config.num_key_value_heads) == (64, 2, 2)
+    assert model.config.head_dim == 16 and model.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
+
+    (parent,) = m["parents"]
+    assert m["stage"] == "prune" and parent["role"] == "source" and parent["stage"] == "student"
+    assert parent["hash"] == artifacts.content_hash(src)
+    assert m["config"]["prune"]["keep_ffn"] == 0.5
+    assert m["calibration"] == {"source": "shakespeare", "split": "validation", "rows": 4, "seq_len": 64, "tokens": 256}
+    layers = m["pruning"]["layers"]
+    assert len(layers) == 2
+    for entry in layers:
+        assert len(entry["kept_ffn"]) == 64 and len(set(entry["kept_ffn"])) == 64
+        assert len(entry["kept_q_heads"]) == 2 and sorted(h // 2 for h in entry["kept_q_heads"]) == [0, 1]
+        # OSSCAR's refit never does worse than keeping the old weights of the same columns
+        assert 0 <= entry["ffn_error_after_refit"] <= entry["ffn_error_before_refit"] + 1e-9
+        assert 0 <= entry["attn_error_after_refit"] <= entry["attn_error_before_refit"] + 1e-9
+
+    # the recorded perplexity is that of the saved checkpoint, recomputed here independently
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "\n\n".join(r["text"] for r in load_splits("shakespeare", train_size=1, test_size=None)["test"])
+    got = perplexity(model, tok, text, window=128, stride=64, max_tokens=256)
+    assert got["perplexity"] == pytest.approx(metrics["perplexity_pruned"], rel=1e-5)
+    assert metrics["eval_tokens"] == got["tokens"] == 255 and math.isfinite(metrics["perplexity_source"])
+
+
+def test_keep_everything_reproduces_the_logits(slm, tmp_path, sources):
+    src, out = sources["qwen3"], tmp_path / "same"
+    assert slm("prune", f"model_path={src}", *FAST, f"output_dir={out}") == 0
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = AutoModelForCausalLM.from_pretrained(src).eval()(input_ids=ids).logits
+    after = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(after, before)
+    metrics = meta(out)["metrics"]
+    assert metrics["params_after"] == metrics["params_before"]
+    assert metrics["perplexity_pruned"] == pytest.approx(metrics["perplexity_source"], rel=1e-6)
+
+
+def test_target_params_and_drop_layers(slm, tmp_path, sources, capsys):
+    src, out = sources["llama"], tmp_path / "target"
+    config = AutoModelForCausalLM.from_pretrained(src).config
+    one_layer = PrunePlan(method="wanda_sp", drop_layers=1)
+    target = count_params_after(config, PrunePlan(keep_ffn=40, drop_layers=1)) + 100  # 3*64 params per neuron
+    args = ["prune=wanda_sp", f"prune.target_params={target}", "prune.drop_layers=1", "prune.round_to=8"]
+    assert slm("prune", f"model_path={src}", *args, *FAST, f"output_dir={out}") == 0
+    assert "keep_ffn_count=40 of 128" in capsys.readouterr().out
+    m = meta(out)
+    assert m["metrics"]["intermediate_size"] == 40 and m["metrics"]["num_hidden_layers"] == 1
+    assert m["metrics"]["params_after"] <= target < count_params_after(config, PrunePlan(keep_ffn=48, drop_layers=1))
+    assert count_params_after(config, one_layer) > m["metrics"]["params_after"]
+    (dropped,) = m["pruning"]["dropped_layers"]
+    assert [e["source_layer"] for e in m["pruning"]["layers"]] == [1 - dropped]
+    assert len(m["pruning"]["layer_scores"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_impossible_targets_exit_2_and_write_nothing(slm, tmp_path, sources, capsys):
+    src, out = sources["llama"], tmp_path / "bad"
+    rc = slm("prune", f"model_path={src}", "prune.keep_kv_heads=3", "prune.keep_q_per_kv=3", "prune.drop_layers=2",
+             *FAST, f"output_dir={out}")
+    err = capsys.readouterr().err
+    assert rc == 2 and "3 impossible pruning target(s)" in err
+    assert "keep_kv_heads=3 exceeds the model's num_key_value_heads=2" in err
+    assert "keep_q_per_kv=3 exceeds the query heads per KV head" in err and "remove all 2 layers" in err
+    assert slm("prune", f"model_path={src}", "prune.keep_ffn=0.0", *FAST, f"output_dir={out}") == 2
+    assert "keep 0 would remove the MLP" in capsys.readouterr().err
+    assert slm("prune", f"model_path={src}", "prune.keep_ffn=1", *FAST, f"output_dir={out}") == 2
+    assert "prune.keep_ffn_count=1 for a number of neurons" in capsys.readouterr().err
+    assert slm("prune", f"model_path={src}", "prune.keep_ffn_count=500", *FAST, f"output_dir={out}") == 2
+    assert "keep_ffn_count=500 exceeds the model's intermediate_size=128" in capsys.readouterr().err
+    assert slm("prune", f"model_path={src}", "prune.target_params=1000", *FAST, f"output_dir={out}") == 2
+    assert "below the smallest model these settings allow" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "bad.work").exists() and not (tmp_path / "bad.lock").exists()
+
+
+def test_existing_output_refused(slm, tmp_path, sources, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    assert slm("prune", f"model_path={sources['llama']}", "prune.keep_ffn=0.5", *FAST, f"output_dir={out}") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_cfg_job_does_not_import_torch(tmp_path):
+    code = (
+        "import sys; from slm_cli.__main__ import main\n"
+        "try:\n    main(['prune', 'model_path=/x', 'prune.keep_ffn=0.5', '--cfg', 'job'])\n"
+        "except SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "keep_ffn: 0.5" in proc.stdout and "method: osscar" in proc.stdout
