@@ -242,3 +242,22 @@ def test_every_method_prunes_a_bf16_model(ids):
         assert model.config.intermediate_size == 32
         assert torch.isfinite(model(ids).logits.float()).all()
         assert report.to_dict()["layers"][2]["kept_ffn"] == sorted(report.layers[2].kept_ffn)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_cached_layer_inputs_give_the_full_model_statistics(kind):
+    """Running one layer on cached inputs sees exactly what the whole model feeds it (padding included)."""
+    from slm_cli.prune.calibrate import advance, capture_layer_inputs, layer_input_stats
+
+    model = tiny_model(kind)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    batches = [*calib_batches(n=1), {"input_ids": ids, "attention_mask": mask}]
+    inputs = capture_layer_inputs(model, batches)
+    for i, layer in enumerate(decoder_layers(model)):
+        for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            cached, full = layer_input_stats(layer, module, inputs, i), collect_input_stats(model, module, batches)
+            assert cached.count == full.count == 4 * 32 + 16 + 11
+            torch.testing.assert_close(cached.gram, full.gram, rtol=1e-4, atol=1e-4)
+        advance(layer, inputs, i)
