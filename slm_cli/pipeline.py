@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slm_cli.artifacts import METADATA_FILE, content_hash
+from slm_cli.artifacts import content_hash
 from slm_cli.errors import SlmError
 
 STATE_FILE = "pipeline.json"
@@ -136,6 +136,6 @@ def write_state(root: Path, state: dict) -> None:
 def is_done(state: dict, name: str, key: str, output: Path) -> bool:
     """True when `name` last finished with this run key and its artifact is still what it wrote."""
     entry = state.get(name)
-    if not entry or entry.get("key") != key or not (output / METADATA_FILE).is_file():
+    if not entry or entry.get("key") != key or not output.is_dir():
         return False
     return content_hash(output) == entry.get("content_hash")

@@ -84,6 +84,8 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
 
     # --- save --------------------------------------------------------------------------------
     ui.console.print(ui.records_table(f"pipeline {cfg.recipe}", summary, ["stage", "runs", "status", "seconds"]))
-    rows = artifact_rows([str(outputs[s.name]) for s in recipe.stages])
-    ui.console.print(ui.records_table("artifacts", rows, list(rows[0])))
+    models_made = [str(outputs[s.name]) for s in recipe.stages if (outputs[s.name] / "slm.json").is_file()]
+    if models_made:  # eval stages write results, not models
+        rows = artifact_rows(models_made)
+        ui.console.print(ui.records_table("artifacts", rows, list(rows[0])))
     return {"stages": summary}
