@@ -32,7 +32,8 @@ ops: setup ## build DeepSpeed's CPU ops once (cached in ~/.cache/torch_extension
 	$(PY) -m slm_cli.engine.ops
 
 demo: setup ## the main job end to end (recipes/quickstart.yaml); a second run skips finished stages
-	$(SLM) run recipe=quickstart output_root=$(DEMO_DIR)
+	# tiny models: one intra-op thread per process is fastest (two oversubscribe a 2-core machine)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(SLM) run recipe=quickstart output_root=$(DEMO_DIR)
 
 test: setup ops ## run the test suite (fast tests; slow, GPU and benchmarks are marked off)
 	$(PY) -m pytest -q

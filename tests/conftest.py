@@ -8,6 +8,10 @@ import sys
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
+# threads per process oversubscribe it badly (measured here: 10-20x slower training steps).
+# Set before torch is imported so subprocesses inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
