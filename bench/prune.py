@@ -5,10 +5,10 @@
 
 Every method prunes a fresh copy of the same dense model on the same calibration rows (the first
 samples x seq_len tokens of the `shakespeare` corpus' calibration split) and is scored on the same
-text (the first --eval-tokens tokens of its test split, sliding window 512 / stride 256), in memory
+text (the first --eval-tokens tokens of its test split, sliding window 512, stride --eval-stride), in memory
 (the stage tests check that the saved checkpoint scores the same). Settings:
 
-  ffn0.75, ffn0.5   keep that fraction of the 1536 MLP neurons in every layer
+  ffn0.5, ffn0.75   keep that fraction of the 1536 MLP neurons in every layer
   q2of3             keep 2 of the 3 query heads of every KV group (9 -> 6 heads)
   drop6, drop10     drop 6 / 10 of the 30 layers by block influence; the width methods do not
                     apply, so these rows are measured once
@@ -23,8 +23,8 @@ import json
 import time
 
 SETTINGS = {
-    "ffn0.75": {"keep_ffn": 0.75},
     "ffn0.5": {"keep_ffn": 0.5},
+    "ffn0.75": {"keep_ffn": 0.75},
     "q2of3": {"keep_q_per_kv": 2},
     "drop6": {"drop_layers": 6},
     "drop10": {"drop_layers": 10},
@@ -38,10 +38,11 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--samples", type=int, default=64, help="calibration rows")
+    p.add_argument("--samples", type=int, default=32, help="calibration rows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--eval-stride", type=int, default=511, help="sliding-window stride (window 512)")
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("--local-search-iters", type=int, default=16)
     p.add_argument("--swap-candidates", type=int, default=32)
@@ -76,7 +77,8 @@ def main() -> int:
     eval_text = text("test")
 
     def score(model) -> float:
-        return perplexity(model, tokenizer, eval_text, window=512, stride=256, max_tokens=args.eval_tokens)["perplexity"]
+        return perplexity(model, tokenizer, eval_text, window=512, stride=args.eval_stride,
+                          max_tokens=args.eval_tokens)["perplexity"]
 
     rows = []
     start = time.perf_counter()
@@ -99,6 +101,9 @@ def main() -> int:
             rows.append(row)
             ui.console.print(f"{setting:8s} {row['method']:16s} ppl {ppl:12.2f}  {seconds:7.1f} s", highlight=False)
             del model
+            if args.json:  # after every row, so an interrupted run keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     for setting in args.settings:
         if setting in DEPTH_ONLY:
             continue

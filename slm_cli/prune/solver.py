@@ -234,8 +234,9 @@ class _ActiveSet:
         drop = group_columns(torch.tensor(groups, device=self.K.device), self.gs)
         K_d = self.K[:, drop]  # a copy: safe to update K in place below
         K_dd = K_d[drop]
-        self.W_hat -= K_d @ torch.linalg.solve(K_dd, self.W_hat[drop])
-        self.K -= K_d @ torch.linalg.solve(K_dd, K_d.T)
+        # addmm_ updates in place without materialising the d x d product (half the memory traffic)
+        self.W_hat.addmm_(K_d, torch.linalg.solve(K_dd, self.W_hat[drop]), alpha=-1)
+        self.K.addmm_(K_d, torch.linalg.solve(K_dd, K_d.T), alpha=-1)
         # Exact zeros (not float residue) outside S keep later masks and sums clean.
         self.K[drop] = 0
         self.K[:, drop] = 0
