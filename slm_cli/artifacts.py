@@ -194,6 +194,32 @@ def check_readable(folder: str | Path, field: str) -> None:
         )
 
 
+def lineage_warnings(folder: str | Path) -> list[str]:
+    """Why an artifact's recorded lineage may no longer hold: its own files or a parent's changed.
+
+    Each content hash in the artifact's slm.json is recomputed where that folder still exists;
+    a mismatch means the model was edited or overwritten since the stage that wrote it ran, so
+    its recorded metrics and parents may not describe what is on disk now. A plain Hugging Face
+    folder (no slm.json) records no lineage and gives no warnings.
+    """
+    meta = read_metadata(folder, missing_ok=True)
+    if meta is None:
+        return []
+    out = []
+    recorded = meta.get("content_hash")
+    if recorded and content_hash(folder) != recorded:
+        out.append(f"{folder} changed since `slm {meta.get('stage')}` wrote it (content hash differs from slm.json)")
+    for p in meta.get("parents", []):
+        path, want = p.get("path"), p.get("hash")
+        if not path or not want:
+            continue
+        if not Path(path).is_dir():
+            out.append(f"parent {p.get('role')} {path} no longer exists; its hash cannot be checked")
+        elif content_hash(path) != want:
+            out.append(f"parent {p.get('role')} {path} changed since {folder} was made from it (content hash differs)")
+    return out
+
+
 def read_metadata(folder: str | Path, missing_ok: bool = False) -> dict | None:
     path = Path(folder) / METADATA_FILE
     if not path.is_file():

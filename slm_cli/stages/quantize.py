@@ -32,34 +32,6 @@ def main(cfg) -> None:
     run_stage(cfg, QuantizeStageConfig, run)
 
 
-def lineage_warnings(source_dir) -> list[str]:
-    """Why the source's recorded lineage may no longer hold: its own files or a parent's changed.
-
-    Each content hash in the source's slm.json is recomputed where that folder still exists;
-    a mismatch means the model was edited or overwritten since the stage that wrote it ran.
-    """
-    from pathlib import Path
-
-    from slm_cli import artifacts
-
-    meta = artifacts.read_metadata(source_dir, missing_ok=True)
-    if meta is None:  # a plain Hugging Face folder records no lineage to check
-        return []
-    out = []
-    recorded = meta.get("content_hash")
-    if recorded and artifacts.content_hash(source_dir) != recorded:
-        out.append(f"{source_dir} changed since `slm {meta.get('stage')}` wrote it (content hash differs from slm.json)")
-    for p in meta.get("parents", []):
-        path, want = p.get("path"), p.get("hash")
-        if not path or not want:
-            continue
-        if not Path(path).is_dir():
-            out.append(f"parent {p.get('role')} {path} no longer exists; its hash cannot be checked")
-        elif artifacts.content_hash(path) != want:
-            out.append(f"parent {p.get('role')} {path} changed since {source_dir} was made from it (content hash differs)")
-    return out
-
-
 def split_text(source: str, split: str, seed: int) -> str:
     """The records of one split of a data source, as one text (blocks joined by blank lines)."""
     from slm_cli.data import load_splits
@@ -128,7 +100,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     # a request that cannot succeed (ignore typo, block shapes) fails before any slow work
     check_fp8_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True)
-    for warning in lineage_warnings(source):
+    for warning in artifacts.lineage_warnings(source):
         ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
     calib = None
     if cfg.quant.scheme == "fp8_static":
