@@ -66,6 +66,8 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
         field = "model.name_or_path"
     with ui.console.status(f"loading {name}"):
         path = resolve_model_path(name)
+        for warning in artifacts.lineage_warnings(path) if Path(path).is_dir() else []:
+            ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
         model = models.load_model(path, dtype, trust, field=field).eval()
         try:
             tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust)
