@@ -276,15 +276,16 @@ def train(
                 progress.update(task, advance=1, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{last['tokens_per_s']:,.0f}")
             want_ckpt = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.max_steps
             if want_ckpt or interrupted["signal"] is not None:
-                engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1, "rng": _rng_state()})
+                _save_checkpoint(engine, ckpt_dir, step + 1)
                 if dist.is_main():
                     marker.write_text(json.dumps({"step": step + 1, "config_hash": config_hash}))
                 if os.environ.get(CRASH_ENV) == str(step + 1):
                     os.kill(os.getpid(), signal.SIGKILL)
             if interrupted["signal"] is not None:
                 raise SlmError(
-                    f"stopped by signal {interrupted['signal']} after step {step + 1}; checkpoint saved in {ckpt_dir}. "
-                    "Run the same command with resume=true to continue."
+                    f"stopped by {signal.Signals(interrupted['signal']).name} after step {step + 1} of {tcfg.max_steps}; "
+                    f"checkpoint saved in {ckpt_dir}. Run the same command again to continue from it "
+                    "(resume=auto, the default, or resume=true)."
                 )
     finally:
         for s, h in old_handlers.items():
@@ -302,6 +303,22 @@ def train(
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
     }
     return LoopResult(engine=engine, steps=tcfg.max_steps, metrics=metrics, history=history)
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
+    """DeepSpeed checkpoint `step<N>` with the step and RNG state that resuming needs.
+
+    DeepSpeed moves its `latest` pointer only after a checkpoint is fully written, so a failed
+    save (a full disk) leaves the previous checkpoint as the one a rerun resumes from.
+    """
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "rng": _rng_state()})
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        raise SlmError(
+            f"could not save the checkpoint of step {step} in {ckpt_dir} ({exc}). Is the disk full (df -h) or a "
+            "file-size limit set (ulimit -f)? Free space and run the same command again; it resumes from the last "
+            "complete checkpoint, if any."
+        ) from exc
 
 
 def _reduce_float(v: float) -> float:
