@@ -210,6 +210,7 @@ def train(
         start_step = int(client["step"])
         _set_rng_state(client["rng"])
         if dist.is_main():
+            _drop_rows_after(metrics_path, start_step)
             from slm_cli.ui import console
 
             console.print(f"[yellow]resuming[/yellow] from {ckpt_dir} at step {start_step}")
@@ -303,6 +304,27 @@ def train(
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
     }
     return LoopResult(engine=engine, steps=tcfg.max_steps, metrics=metrics, history=history)
+
+
+def _drop_rows_after(metrics_path: Path, step: int) -> None:
+    """Keep the metrics rows of steps up to `step`.
+
+    A run killed after logging a step but before checkpointing it logged rows the resumed run
+    computes again, and a kill mid-write leaves half a line; both are dropped.
+    """
+    if not metrics_path.is_file():
+        return
+    rows = metrics_path.read_text().splitlines()
+    kept = [line for line in rows if _row_step(line) <= step]
+    if len(kept) != len(rows):
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf
 
 
 def _save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
