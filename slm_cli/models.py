@@ -170,7 +170,9 @@ def resolve_tokenizer(mcfg, train_examples: list[dict], fallback: str | None = N
     """`model.tokenizer` if set, else the model's own (or `fallback`'s), else a BPE tokenizer trained on the data."""
     path = mcfg.tokenizer or mcfg.name_or_path or fallback
     if path:
-        return load_tokenizer(path, mcfg.trust_remote_code)
+        # name the field the path came from, so an error points at what the user typed
+        field = "model.tokenizer" if mcfg.tokenizer else "model.name_or_path" if mcfg.name_or_path else "teacher.path"
+        return load_tokenizer(path, mcfg.trust_remote_code, field=field)
     from slm_cli.data.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(example_texts(train_examples), vocab_size=mcfg.tokenizer_vocab_size)
