@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from slm_cli.artifacts import acquire_lock, release_lock
+from slm_cli.artifacts import acquire_lock, release_lock, staging_dir
 from slm_cli.config import ConfigError, validate
 from slm_cli.errors import SlmError
 
@@ -26,6 +26,24 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(types)
+
+
+# errno of a write that failed for lack of room: no space, file-size limit, quota, read-only disk
+_STORAGE_ERRNOS = {28: "no space left on device", 27: "file too large", 122: "disk quota exceeded", 30: "read-only file system"}
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """What a failed write ran into, when `exc` is one; None for any other error.
+
+    Python's own writes raise OSError with an errno; safetensors reports the same condition as
+    a SafetensorError whose text carries "(os error N)".
+    """
+    errno = getattr(exc, "errno", None)
+    if errno is None and type(exc).__name__ == "SafetensorError":
+        for code in _STORAGE_ERRNOS:
+            if f"(os error {code})" in str(exc):
+                errno = code
+    return _STORAGE_ERRNOS.get(errno) if isinstance(errno, int) else None
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -52,6 +70,7 @@ def is_worker() -> bool:
 
 def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
     """Validate `cfg` against `schema`, refuse to clobber outputs, relaunch if multi-process, run `work`."""
+    typed = None
     try:
         values = resolved_dict(cfg)
         typed = validate(values, schema, source=f"config of `slm {values.get('stage', '?')}`")
@@ -74,3 +93,17 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
                 release_lock(lock)
     except _user_error_types() as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C). output_dir was not touched (an artifact is published only once complete); "
+             "run the same command again (a training run continues from its last checkpoint, if it saved one).", code=130)
+    except Exception as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        out = getattr(typed, "output_dir", None)
+        where = getattr(exc, "filename", None) or (f"into {staging_dir(out)}" if out else "the output")
+        fail(
+            f"could not write {where}: {problem} ({exc}). Free disk space there (df -h) or raise the file-size limit "
+            "(ulimit -f), then run the same command again. output_dir was not touched: an artifact is written to "
+            "<output_dir>.work/staging and replaces output_dir only once it is complete."
+        )
