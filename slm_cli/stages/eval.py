@@ -57,7 +57,8 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     )
     metric = choose_metric(data, cfg.eval.metric)
     if cfg.artifact is not None:
-        name, dtype, trust = cfg.artifact, cfg.eval.dtype or "float32", _artifact_trusts_code(cfg.artifact)
+        _refuse_checkpoint_code(cfg.artifact)
+        name, dtype, trust = cfg.artifact, cfg.eval.dtype or "float32", False
         tokenizer_name = cfg.artifact
         field = "artifact"
     else:
@@ -163,12 +164,25 @@ def _settings(cfg: EvalStageConfig, metric: str) -> dict:
     return {"seed": cfg.seed}
 
 
-def _artifact_trusts_code(folder: str) -> bool:
-    """An artifact whose stage ran with trust_remote_code=true needs it again to load."""
-    from slm_cli import artifacts
+def _refuse_checkpoint_code(folder: str) -> None:
+    """`artifact=` never runs code shipped in the folder; only the user may allow that.
 
-    meta = artifacts.read_metadata(folder, missing_ok=True) if folder else None
-    return bool(meta and meta.get("trust_remote_code"))
+    An artifact's own slm.json saying trust_remote_code=true is no permission: anyone can write
+    that file. A folder whose config.json maps the model to its own code (auto_map) is refused
+    with the command that loads it knowingly.
+    """
+    import json
+    from pathlib import Path
+
+    from slm_cli.errors import SlmError
+
+    config = Path(folder) / "config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text()):
+        raise SlmError(
+            f"artifact={folder} ships its own model code (auto_map in config.json), which slm eval does not run "
+            "unless you ask. If you trust its source, run: slm eval model=hf "
+            f"model.name_or_path={folder} model.trust_remote_code=true ..."
+        )
 
 
 def merge_into_artifact(folder: str, source: str, metrics: dict) -> None:
