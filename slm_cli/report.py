@@ -27,7 +27,7 @@ from slm_cli.evaluate.speed import FP8_NOTE, safetensors_params, weights_bytes
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 EVAL_KEYS = ("auc", "exact_match", "perplexity", "accuracy")
 # Which quality column the plot uses when several exist: the one most rows have, then this order.
-QUALITY_PREFERENCE = ("auc", "exact_match", "perplexity", "perplexity_fp8", "val_loss")
+QUALITY_PREFERENCE = ("auc", "exact_match", "perplexity", "val_ce", "perplexity_fp8", "val_loss")
 BENCH_KEYS = {"latency_ms": "latency ms", "decode_tokens_per_s": "decode tok/s", "peak_memory_mb": "peak mem MB"}
 
 
@@ -112,6 +112,8 @@ def artifact_numbers(node: dict) -> dict[str, Any]:
     out["weights_bytes"] = weights_bytes(node["path"])
     if m.get("val_loss") is not None:
         out["val_loss"] = m["val_loss"]
+    if m.get("val_ce") is not None:
+        out["val_ce"] = m["val_ce"]
     for source, values in sorted((m.get("eval") or {}).items()):
         for key in EVAL_KEYS:
             if isinstance(values, dict) and values.get(key) is not None:
@@ -169,7 +171,7 @@ def quality_key(rows: list[dict]) -> str | None:
     counts: dict[str, int] = {}
     for r in rows:
         for k in r["metrics"]:
-            if k == "val_loss" or k.startswith(("eval.", "quantize.perplexity_fp8")):
+            if k in ("val_loss", "val_ce") or k.startswith(("eval.", "quantize.perplexity_fp8")):
                 counts[k] = counts.get(k, 0) + 1
     if not counts:
         return None
@@ -188,9 +190,9 @@ def columns(rows: list[dict]) -> list[tuple[str, str]]:
     """(metric key, column title) for every number any row has, in a fixed reading order."""
     have = {k for r in rows for k in r["metrics"]}
     cols = [("params", "params"), ("weights_bytes", "size MB")]
-    cols += [(k, "val loss") for k in ("val_loss",) if k in have]
+    cols += [(k, t) for k, t in (("val_ce", "val CE"), ("val_loss", "val objective")) if k in have]
     cols += [(k, k.removeprefix("eval.").replace(".", " ")) for k in sorted(have) if k.startswith("eval.")]
-    cols += [(f"quantize.{k}", t) for k, t in (("perplexity_fp8", "FP8 ppl"), ("perplexity_increase_pct", "FP8 ppl +%")) if f"quantize.{k}" in have]
+    cols += [(f"quantize.{k}", t) for k, t in (("perplexity_fp8", "FP8 ppl"), ("perplexity_increase_pct", "ppl +% vs source")) if f"quantize.{k}" in have]
     bench_cols = [(f"bench.{k}", t) for k, t in BENCH_KEYS.items()] + [("bench.reuse_speedup", "prefix reuse x")]
     if any(k.startswith("bench.") for k in have):
         cols += bench_cols

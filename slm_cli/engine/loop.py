@@ -291,14 +291,21 @@ def train(
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    val_ce = float("nan")
     if val_set:
         val_loss = evaluate_loss(engine, val_set, collate, tcfg.micro_batch_size, tcfg.eval_batches, loss_fn)
+        # One quality number every training stage shares: cross-entropy of the validation completions
+        # (for distillation, val_loss is the KD objective, which is not comparable across stages).
+        val_ce = val_loss if loss_fn is sft_loss else evaluate_loss(
+            engine, val_set, collate, tcfg.micro_batch_size, tcfg.eval_batches, sft_loss
+        )
     elapsed = time.perf_counter() - t_start
     metrics = {
         "steps": tcfg.max_steps,
         "train_loss": last.get("loss", float("nan")),
         "first_train_loss": history[0]["loss"] if history else float("nan"),
         "val_loss": val_loss,
+        "val_ce": val_ce,
         "tokens": tokens_seen,
         "train_seconds": elapsed,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,

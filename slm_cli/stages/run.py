@@ -33,7 +33,6 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
     from slm_cli.engine.launcher import RENDEZVOUS_VARS
     from slm_cli.errors import SlmError
     from slm_cli.paths import RECIPE_DIR
-    from slm_cli.summary import artifact_rows
 
     # --- setup -------------------------------------------------------------------------------
     available = {s for s, (module, _) in STAGES.items() if module and s != "run"}
@@ -84,8 +83,10 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
 
     # --- save --------------------------------------------------------------------------------
     ui.console.print(ui.records_table(f"pipeline {cfg.recipe}", summary, ["stage", "runs", "status", "seconds"]))
-    models_made = [str(outputs[s.name]) for s in recipe.stages if (outputs[s.name] / "slm.json").is_file()]
-    if models_made:  # eval stages write results, not models
-        rows = artifact_rows(models_made)
-        ui.console.print(ui.records_table("artifacts", rows, list(rows[0])))
+    models_made = [outputs[s.name] for s in recipe.stages if (outputs[s.name] / "slm.json").is_file()]
+    if models_made and cfg.report:  # eval stages write results, not models
+        from slm_cli.report import write_report
+
+        report = write_report(models_made, root / "report", title=f"slm run recipe={cfg.recipe}")
+        ui.console.print(f"report: {root / 'report'} ({', '.join(Path(f).name for f in report.get('files', []))})")
     return {"stages": summary}
