@@ -148,7 +148,7 @@ def main() -> None:
         )
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"peaks_gflops": peaks, "args": vars(args), "results": results}, indent=2))
+        args.json.write_text(json.dumps({"peaks_gflops": peaks, "args": vars(args), "results": results}, indent=2, default=str))
 
 
 if __name__ == "__main__":
