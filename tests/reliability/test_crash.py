@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, run_slm, start, wait_for_rows
-from tests.stages.helpers import metrics_rows
+from tests.stages.helpers import FAST, metrics_rows
 
 pytestmark = pytest.mark.reliability
 
@@ -51,7 +51,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_model(slm, tmp_path
 
     # nothing a later stage would accept: no output_dir, no slm.json anywhere
     assert not out.exists() and list(tmp_path.rglob("slm.json")) == []
-    assert slm("student", f"teacher.path={out}", "model=tiny-llama-student", f"output_dir={tmp_path}/s") == 2
+    assert slm("student", f"teacher.path={out}", "model=tiny-llama-student", *FAST, f"output_dir={tmp_path}/s") == 2
     assert f"teacher.path={out}: no such folder" in capsys.readouterr().err
     assert slm("quantize", f"model_path={work}/staging", f"output_dir={tmp_path}/q") == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
