@@ -107,8 +107,12 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
                     f"(earlier stages: {', '.join(sorted(seen)) or 'none'})"
                 )
         for o in spec.overrides:
-            if o.split("=", 1)[0].lstrip("+~") in ("output_dir", "hydra.run.dir", *spec.inputs):
+            key = o.split("=", 1)[0].lstrip("+~")
+            if key in ("output_dir", "hydra.run.dir", *spec.inputs):
                 problems.append(f"{where} ({spec.name}): override {o!r} is set by the pipeline; remove it")
+            elif key.startswith("hydra.callbacks"):
+                # Hydra instantiates callbacks' _target_: a recipe must not be a way to run arbitrary code.
+                problems.append(f"{where} ({spec.name}): override {o!r} is refused: recipes may not add Hydra callbacks")
         seen.add(spec.name)
         stages.append(spec)
     if problems:

@@ -105,8 +105,8 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     # --- run ---------------------------------------------------------------------------------
     results = []
     for name, path in zip(names, folders):
-        trust = cfg.trust_remote_code or bool((meta[path] or {}).get("trust_remote_code"))
-        spec = {**spec_base, "path": str(path), "trust_remote_code": trust}
+        # Only the user's own flag trusts checkpoint code: anyone can write an artifact's slm.json.
+        spec = {**spec_base, "path": str(path), "trust_remote_code": cfg.trust_remote_code}
         with ui.console.status(f"measuring {name}"):
             result = _measure_in_subprocess(spec) if b.isolate else speed.measure(spec)
         result["stage"] = (meta[path] or {}).get("stage")

@@ -81,3 +81,12 @@ def test_bad_recipe_lists_every_problem(slm, tmp_path, capsys):
     assert "stage='teachr' is not one of" in err
     assert "input teacher.path='later' names no earlier stage" in err
     assert "override 'output_dir=x' is set by the pipeline" in err
+
+
+def test_recipe_may_not_add_hydra_callbacks(slm, tmp_path, capsys):
+    recipe = tmp_path / "cb.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [
+        {"name": "a", "stage": "teacher", "overrides": ["+hydra.callbacks.x._target_=os.system"]},
+    ]}))
+    assert slm("run", f"recipe={recipe}") == 2
+    assert "recipes may not add Hydra callbacks" in capsys.readouterr().err
