@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from slm_cli.distill.logit_cache import target_mask, topk_distillation_loss
 from slm_cli.distill.losses import distillation_loss, fused_linear_distillation_loss
 from slm_cli.distill.sampler import completion_batch, sample_completions, split_prompts
 
@@ -56,6 +57,36 @@ class KDObjective:
             with torch.no_grad():
                 t_logits = self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
             loss, parts = distillation_loss(s_logits, t_logits, labels, **self._loss_kwargs(batch))
+        return loss, {"kd": parts["kd"], "ce": parts["ce"]}
+
+
+class CachedKDObjective:
+    """loss_fn(engine, batch) for distill.teacher_logits=precompute: the teacher's rows come from a top-k cache.
+
+    Only the student runs (plain logits path, not fused: the loss needs its full log-softmax to
+    gather the teacher's ids and its rest mass). The KD term is ``topk_distillation_loss``:
+    the divergence between the two distributions folded onto the teacher's k ids plus one rest
+    bucket, exact when k equals the vocabulary (see slm_cli.distill.logit_cache).
+    """
+
+    def __init__(self, cache, settings, vocab_size: int):
+        if abs(cache.kd_temperature - settings.kd_temperature) > 1e-12:
+            raise ValueError(
+                f"the teacher-logit cache was written at kd_temperature={cache.kd_temperature}, "
+                f"but distill.kd_temperature={settings.kd_temperature}; rebuild the cache at this temperature"
+            )
+        self.cache, self.s, self.vocab_size = cache, settings, vocab_size
+
+    def __call__(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        targets = target_mask(batch["labels"])
+        s_logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][targets]
+        t_ids, t_lp, t_rest = (t.to(s_logits.device) for t in self.cache.rows(batch))
+        loss, parts = topk_distillation_loss(
+            s_logits, t_ids, t_lp, t_rest, batch["labels"][:, 1:][targets],
+            divergence=self.s.divergence, beta=self.s.beta, kd_temperature=self.s.kd_temperature,
+            kd_weight=self.s.kd_weight, vocab_size=self.vocab_size,
+        )
         return loss, {"kd": parts["kd"], "ce": parts["ce"]}
 
 

@@ -37,8 +37,6 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     from slm_cli.errors import SlmError
 
     # --- setup -------------------------------------------------------------------------------
-    if cfg.distill.teacher_logits == "precompute":
-        raise SlmError("distill.teacher_logits=precompute is not available in this version; use teacher_logits=online.")
     quiet_libraries()
     dist.setup_env()
     loop.seed_everything(cfg.seed)
@@ -77,7 +75,12 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     teacher.to(engine.device)
-    objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss and cfg.deepspeed.zero_stage < 3)
+    cache_metrics = {}
+    if cfg.distill.teacher_logits == "precompute":
+        objective, cache_metrics = _cached_objective(cfg, teacher, train_set + val_set, batch_fn, vocab_size)
+        teacher = None  # supervised mode never samples from it; the cache replaces it from here on
+    else:
+        objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss and cfg.deepspeed.zero_stage < 3)
     prepare = make_prepare(
         cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
         pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
@@ -120,7 +123,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     models.save_model(to_save, tokenizer, out, state_dict=state_dict)
     (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     (out / "metrics.jsonl").write_text((artifacts.work_dir(cfg.output_dir) / "metrics.jsonl").read_text())
-    metrics = {**result.metrics, "params": models.count_params(to_save), "data": asdict(train_stats)}
+    metrics = {**result.metrics, **cache_metrics, "params": models.count_params(to_save), "data": asdict(train_stats)}
     parents = [artifacts.parent("teacher", cfg.teacher.path)]
     if cfg.student.path:
         parents.append(artifacts.parent("student", cfg.student.path))
@@ -132,3 +135,42 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     ui.console.print(ui.kv_table(f"distill artifact: {final}", ui.metric_rows(metrics)))
     dist.barrier()
     return metrics
+
+
+def _cached_objective(cfg: DistillStageConfig, teacher, examples: list, batch_fn, vocab_size: int):
+    """Write (or reuse) the teacher's top-k cache in <output_dir>.work/teacher_logits and build the cached loss.
+
+    Log-probs are stored as float16, or float32 when k covers the whole vocabulary (then the
+    cached loss is meant to equal the online one). Rank 0 writes; every rank reads.
+    """
+    import torch
+
+    from slm_cli import artifacts, ui
+    from slm_cli.distill import logit_cache
+    from slm_cli.distill.objective import CachedKDObjective
+    from slm_cli.engine import distributed as dist
+    from slm_cli.errors import SlmError
+
+    k = cfg.distill.logits_top_k
+    if k > vocab_size:
+        raise SlmError(f"distill.logits_top_k={k} is larger than the shared vocabulary ({vocab_size}); use at most {vocab_size}.")
+    dtype = torch.float32 if k == vocab_size else torch.float16
+    cache_dir = artifacts.work_dir(cfg.output_dir) / "teacher_logits"
+    if dist.is_main():
+        teacher_hash = artifacts.content_hash(cfg.teacher.path)
+        want = dict(k=k, vocab_size=vocab_size, kd_temperature=cfg.distill.kd_temperature, dtype=dtype)
+        if not logit_cache.cache_matches(logit_cache.read_index(cache_dir), teacher_hash=teacher_hash, examples=examples, **want):
+            logit_cache.write_cache(
+                teacher, examples, cache_dir, collate=batch_fn, batch_size=cfg.train.micro_batch_size,
+                teacher_hash=teacher_hash, **want,
+            )
+    dist.barrier()
+    cache = logit_cache.TeacherLogitCache(cache_dir)
+    index = cache.index
+    if dist.is_main():
+        ui.console.print(
+            f"teacher logits cache: {cache_dir} ({index['tokens']} target tokens, top-{k}, {index['dtype']}, "
+            f"{index['bytes_per_token']} bytes/token)"
+        )
+    metrics = {"teacher_cache_bytes_per_token": index["bytes_per_token"], "teacher_cache_tokens": index["tokens"]}
+    return CachedKDObjective(cache, cfg.distill, vocab_size), metrics
