@@ -26,6 +26,11 @@ def plan_problems(config, plan: PrunePlan, where: str = "prune") -> list[str]:
     inter, layers = config.intermediate_size, config.num_hidden_layers
     n_heads = config.num_attention_heads
     n_kv = config.num_key_value_heads or n_heads
+    if n_heads % n_kv:
+        return [
+            f"the source model's num_attention_heads={n_heads} is not a multiple of its num_key_value_heads={n_kv}, "
+            "so its query heads do not split evenly into KV groups: fix the source's config.json"
+        ]
     n_rep = n_heads // n_kv
     if isinstance(plan.keep_ffn, int) and plan.keep_ffn > inter:
         out.append(f"{where}.keep_ffn_count={plan.keep_ffn} exceeds the model's intermediate_size={inter}")

@@ -128,9 +128,6 @@ def test_bad_input_is_refused_and_writes_nothing(slm, tmp_path, capsys, folders,
     assert nothing_written(out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "slm_cli/prune/targets.py does not yet check that num_attention_heads divides by num_key_value_heads; "
-    "such a source ends in a RuntimeError traceback from attention (lead: add the check to plan_problems)"))
 def test_heads_not_divisible_by_kv_heads_is_refused(slm, tmp_path, capsys, record_message):
     from transformers import LlamaConfig, LlamaForCausalLM
 
