@@ -22,7 +22,6 @@ def main(cfg) -> None:
 
 
 def run(cfg: DistillStageConfig, resolved: dict) -> dict:
-    import json
     from dataclasses import asdict
     from functools import partial
 
@@ -34,6 +33,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     from slm_cli.engine import distributed as dist
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
+    from slm_cli.engine.publish import publish_trained
     from slm_cli.errors import SlmError
 
     # --- setup -------------------------------------------------------------------------------
@@ -85,7 +85,6 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
         cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
         pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
     )
-    out = artifacts.staging_dir(cfg.output_dir) if dist.is_main() else None
     if dist.is_main():
         artifacts.begin(cfg.output_dir, cfg.overwrite)
         ui.console.print(ui.setup_table(f"distill ({cfg.distill.mode}, {cfg.distill.divergence})", model, tokenizer,
@@ -110,29 +109,16 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
         )
 
     # --- save --------------------------------------------------------------------------------
-    state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
-    if not dist.is_main():
-        dist.barrier()
-        return result.metrics
-    to_save = engine.module
-    if cfg.train.lora.enabled and cfg.train.lora.merge:
-        to_save, state_dict = to_save.merge_and_unload(), None
-    elif cfg.train.lora.enabled:
-        to_save.save_pretrained(out / "adapter")
-        to_save, state_dict = to_save.get_base_model(), None
-    models.save_model(to_save, tokenizer, out, state_dict=state_dict)
-    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    (out / "metrics.jsonl").write_text((artifacts.work_dir(cfg.output_dir) / "metrics.jsonl").read_text())
-    metrics = {**result.metrics, **cache_metrics, "params": models.count_params(to_save), "data": asdict(train_stats)}
-    parents = [artifacts.parent("teacher", cfg.teacher.path)]
-    if cfg.student.path:
-        parents.append(artifacts.parent("student", cfg.student.path))
-    artifacts.write_metadata(
-        out, stage="distill", config=resolved, parents=parents, metrics=metrics,
-        extra={"trust_remote_code": cfg.model.trust_remote_code, "mode": cfg.distill.mode},
-    )
-    final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
-    ui.console.print(ui.kv_table(f"distill artifact: {final}", ui.metric_rows(metrics)))
+    state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)  # every rank takes part
+    metrics = result.metrics
+    if dist.is_main():
+        parents = [artifacts.parent("teacher", cfg.teacher.path)]
+        if cfg.student.path:
+            parents.append(artifacts.parent("student", cfg.student.path))
+        metrics = publish_trained(
+            engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
+            stage="distill", metrics={**result.metrics, **cache_metrics, "data": asdict(train_stats)}, parents=parents, extra={"mode": cfg.distill.mode},
+        )
     dist.barrier()
     return metrics
 

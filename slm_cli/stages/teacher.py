@@ -19,7 +19,6 @@ def main(cfg) -> None:
 
 
 def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
-    import json
     from dataclasses import asdict
     from functools import partial
 
@@ -29,6 +28,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     from slm_cli.engine import distributed as dist
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
+    from slm_cli.engine.publish import publish_trained
 
     # --- setup -------------------------------------------------------------------------------
     quiet_libraries()
@@ -55,7 +55,6 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len)
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
-    out = artifacts.staging_dir(cfg.output_dir) if dist.is_main() else None
     if dist.is_main():
         artifacts.begin(cfg.output_dir, cfg.overwrite)
         ui.console.print(ui.setup_table("teacher", model, tokenizer, train_stats, len(val_set), ds_config))
@@ -77,26 +76,13 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
         )
 
     # --- save --------------------------------------------------------------------------------
-    state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
-    if not dist.is_main():
-        dist.barrier()
-        return result.metrics
-    to_save = engine.module
-    if cfg.train.lora.enabled and cfg.train.lora.merge:
-        to_save, state_dict = to_save.merge_and_unload(), None
-    elif cfg.train.lora.enabled:
-        to_save.save_pretrained(out / "adapter")
-        to_save, state_dict = to_save.get_base_model(), None
-    models.save_model(to_save, tokenizer, out, state_dict=state_dict)
-    (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    (out / "metrics.jsonl").write_text((artifacts.work_dir(cfg.output_dir) / "metrics.jsonl").read_text())
-    metrics = {**result.metrics, "params": models.count_params(to_save), "data": asdict(train_stats)}
-    parents = [artifacts.parent("base_model", cfg.model.name_or_path)] if cfg.model.name_or_path else []
-    artifacts.write_metadata(
-        out, stage="teacher", config=resolved, parents=parents, metrics=metrics,
-        extra={"trust_remote_code": cfg.model.trust_remote_code},
-    )
-    final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
-    ui.console.print(ui.kv_table(f"teacher artifact: {final}", ui.metric_rows(metrics)))
+    state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)  # every rank takes part
+    metrics = result.metrics
+    if dist.is_main():
+        parents = [artifacts.parent("base_model", cfg.model.name_or_path)] if cfg.model.name_or_path else []
+        metrics = publish_trained(
+            engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
+            stage="teacher", metrics={**result.metrics, "data": asdict(train_stats)}, parents=parents, extra=None,
+        )
     dist.barrier()
     return metrics
