@@ -1,22 +1,106 @@
-"""Build DeepSpeed's CPU ops once, up front (`make ops`), instead of inside the first test or run.
+"""DeepSpeed's CPU ops: built once up front (`make ops`), and guarded against stale build locks.
 
 The CPU Adam and the shared-memory collective build by JIT (ninja + gcc) on first use, about
 two minutes here, and are cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
+
+Every later load still takes torch's build lock (`<ext>/lock`, created with O_EXCL and removed
+when the load ends) to let ninja check the build is current. A process killed inside that window
+(a SIGKILL, an OOM kill, a machine stop) leaves the file behind, and every later run then waits on
+it forever, silently: this hung a CI run for 90 minutes. `clear_stale_locks` removes a lock that
+no live process holds open, which is exactly a lock whose owner died (torch keeps the file
+descriptor open while it holds the lock).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def extensions_root() -> Path:
+    """Where torch builds JIT extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
+
+
+def _open_files() -> set[tuple[int, int]]:
+    """(device, inode) of every file a process we can see holds open; empty where /proc is missing."""
+    held: set[tuple[int, int]] = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:  # the process ended, or it is not ours to read
+            continue
+        for fd in fds:
+            try:
+                st = fd.stat()
+            except OSError:
+                continue
+            held.add((st.st_dev, st.st_ino))
+    return held
+
+
+def _orphans(locks: list[Path]) -> dict[Path, tuple[int, int]]:
+    held = _open_files()
+    found = {}
+    for lock in locks:
+        try:
+            st = lock.stat()
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) not in held:
+            found[lock] = (st.st_dev, st.st_ino)
+    return found
+
+
+def clear_stale_locks(root: Path | None = None, settle: float = 0.5) -> list[Path]:
+    """Remove JIT build locks under `root` that no live process holds; return the removed paths.
+
+    A lock is removed only if it is unheld twice, `settle` seconds apart, and is still the same
+    file: an owner between closing and deleting its lock (microseconds) is never raced. Does
+    nothing where /proc is unavailable (not Linux), since holders cannot be seen there.
+    """
+    root = extensions_root() if root is None else Path(root)
+    if not Path("/proc/self/fd").is_dir() or not root.is_dir():
+        return []
+    locks = [p for p in root.glob("*/*/lock")] + [p for p in root.glob("*/lock")]
+    candidates = _orphans(locks)
+    if not candidates:
+        return []
+    time.sleep(settle)
+    removed = []
+    for lock, ident in _orphans(list(candidates)).items():
+        if ident != candidates[lock]:
+            continue  # a new build took the lock meanwhile
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            continue
+        log.warning("removed a stale build lock left by an interrupted DeepSpeed op build: %s", lock)
+        removed.append(lock)
+    return removed
 
 
 def build() -> float:
+    """Build (or check) the CPU Adam and the shared-memory collective; return the seconds taken."""
     import torch
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     t0 = time.perf_counter()
+    clear_stale_locks()
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])
+    shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if shm is not None and shm.is_compatible():
+        shm.load(verbose=False)
     return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
-    print(f"DeepSpeed CPU Adam ready ({build():.1f}s)")
+    print(f"DeepSpeed CPU ops ready ({build():.1f}s)")
