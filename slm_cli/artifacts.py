@@ -149,7 +149,13 @@ def versions() -> dict[str, str]:
 
 
 def parent(role: str, path: str | Path) -> dict[str, Any]:
-    """A lineage entry for an input artifact (its slm stage, if it has one, and content hash)."""
+    """A lineage entry for an input artifact (its slm stage, if it has one, and content hash).
+
+    An input that is not on this disk (a hub id) is recorded by name: made into a path it would
+    point into the working directory and read as a missing parent later.
+    """
+    if not Path(path).exists():
+        return {"role": role, "name": str(path)}
     path = Path(path)
     entry: dict[str, Any] = {"role": role, "path": str(path.resolve())}
     if path.is_dir():

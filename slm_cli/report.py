@@ -67,7 +67,9 @@ def gather_lineage(folders: list[str | Path]) -> tuple[list[dict], list[dict]]:
         node = {"path": path.resolve(), "meta": meta, "hash": h, "parent_hashes": []}
         nodes[h] = node
         for entry in (meta or {}).get("parents", []):
-            p = Path(entry.get("path", ""))
+            if "path" not in entry:
+                continue  # a hub id: nothing on disk to follow
+            p = Path(entry["path"])
             if p.is_dir():
                 node["parent_hashes"].append(visit(p, entry.get("hash")))
             else:

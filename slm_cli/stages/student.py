@@ -32,6 +32,7 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
     from slm_cli.engine.publish import publish_trained
+    from slm_cli.pretrained import resolve_model_path
     from slm_cli.errors import SlmError
 
     # --- setup -------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     if dist.is_main():
         parents = [artifacts.parent("teacher", teacher_path)] if teacher_path else []
         if cfg.student.init == "pretrained":
-            parents.append(artifacts.parent("base_model", cfg.model.name_or_path))
+            parents.append(artifacts.parent("base_model", resolve_model_path(cfg.model.name_or_path)))
         metrics = publish_trained(
             engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
             stage="student", metrics={**result.metrics, "data": asdict(train_stats)}, parents=parents, extra={"init": cfg.student.init},

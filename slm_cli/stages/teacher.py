@@ -29,6 +29,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
     from slm_cli.engine.publish import publish_trained
+    from slm_cli.pretrained import resolve_model_path
 
     # --- setup -------------------------------------------------------------------------------
     quiet_libraries()
@@ -79,7 +80,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)  # every rank takes part
     metrics = result.metrics
     if dist.is_main():
-        parents = [artifacts.parent("base_model", cfg.model.name_or_path)] if cfg.model.name_or_path else []
+        parents = [artifacts.parent("base_model", resolve_model_path(cfg.model.name_or_path))] if cfg.model.name_or_path else []
         metrics = publish_trained(
             engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
             stage="teacher", metrics={**result.metrics, "data": asdict(train_stats)}, parents=parents, extra=None,

@@ -101,3 +101,15 @@ def test_bad_folder_and_names(slm, tmp_path):
     assert slm("report", f"output_dir={tmp_path / 'r'}") == 2
     names = short_names([Path("outputs/teacher/t1/artifact"), Path("outputs/student/t2/artifact"), Path("runs/a/x")])
     assert names == ["t1/artifact", "t2/artifact", "x"]
+
+
+def test_a_hub_id_parent_is_recorded_by_name_and_a_deleted_folder_as_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a hub id must not turn into a path under the working directory
+    base = save(tmp_path / "base", 2, "teacher", [], {"val_loss": 2.0})
+    hub = artifacts.parent("base_model", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hub == {"role": "base_model", "name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    teacher = save(tmp_path / "teacher", 2, "teacher", [hub, artifacts.parent("base_model", base)], {"val_loss": 1.0})
+    shutil.rmtree(base)
+    report = write_report([teacher], tmp_path / "rep", "t", show=False)
+    assert [m["path"] for m in report["missing_parents"]] == [str(base.resolve())]
+    assert "HuggingFaceTB" not in (tmp_path / "rep" / REPORT_MD).read_text()
