@@ -273,19 +273,24 @@ def plot(rows: list[dict], quality: str, path: Path, title: str) -> bool:
         return False
     timed = [r for r in have if "bench.latency_ms" in r["metrics"]]
     panels = [("weights_bytes", "size on disk (MB)", have)] + ([("bench.latency_ms", "prefill latency (ms)", timed)] if timed else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    # One marker and colour per artifact, named in a legend: artifacts of one size (a student and
+    # its distilled continuations) sit on top of each other, where text labels would overprint.
+    markers = "osD^vP*Xph<>"
+    style = {r["name"]: (markers[i % len(markers)], f"C{i % 10}") for i, r in enumerate(have)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2.5, 4.5), squeeze=False)
     for ax, (key, label, pts) in zip(axes[0], panels):
-        xs = [r["metrics"][key] / (2**20 if key == "weights_bytes" else 1) for r in pts]
-        ys = [r["metrics"][quality] for r in pts]
-        ax.scatter(xs, ys)
-        for x, y, r in zip(xs, ys, pts):
-            ax.annotate(f"{r['name']} ({r['stage']})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        for r in pts:
+            marker, colour = style[r["name"]]
+            x = r["metrics"][key] / (2**20 if key == "weights_bytes" else 1)
+            ax.scatter([x], [r["metrics"][quality]], marker=marker, color=colour, s=60, alpha=0.8, label=f"{r['name']} ({r['stage']})")
         ax.set_xlabel(label)
         better = "higher" if quality.rsplit(".", 1)[-1] in ("auc", "exact_match", "accuracy") else "lower"
         ax.set_ylabel(f"{quality} ({better} is better)")
         ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / (6 * len(panels) + 2.5), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
