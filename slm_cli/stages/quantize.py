@@ -86,6 +86,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
 
     from slm_cli import artifacts, models, ui
     from slm_cli.evaluate.perplexity import perplexity
+    from slm_cli.pretrained import resolve_model_path
     from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
     from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
     from slm_cli.quant.report import checkpoint_size_report, fake_quant_model, weight_error_report
@@ -95,7 +96,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ui.console.print(ui.resolved_config_panel(resolved))
-    source = Path(cfg.model_path)
+    source = Path(resolve_model_path(cfg.model_path))  # a built-in name or .gguf file: its converted folder
     tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
     model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     # a request that cannot succeed (ignore typo, block shapes) fails before any slow work

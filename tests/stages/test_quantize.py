@@ -166,3 +166,16 @@ def test_cfg_job_does_not_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "scheme: fp8_static" in proc.stdout and "model_path: /models/x" in proc.stdout
+
+
+def test_a_gguf_file_is_quantized_from_its_converted_folder(slm, tmp_path, source):
+    """model_path may be a .gguf file (or a built-in name), as for every other stage."""
+    from tests.unit.test_pretrained import write_llama_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source), path)
+    out = tmp_path / "fp8"
+    assert slm("quantize", f"model_path={path}", *FAST, f"output_dir={out}") == 0
+    m = meta(out)
+    assert m["metrics"]["source_bytes"] > 0 and math.isfinite(m["metrics"]["perplexity_fp8"])
+    assert m["parents"][0]["path"] != str(path) and "hash" in m["parents"][0]  # the converted folder, hashed
