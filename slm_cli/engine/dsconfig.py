@@ -70,6 +70,28 @@ def build_ds_config(train, ds, world_size: int) -> dict:
     return config
 
 
+def frozen_zero3_config(student: dict, *, bf16: bool, hidden_size: int) -> dict:
+    """DeepSpeed config that shards a frozen model (the teacher) the way a ZeRO-3 student is sharded.
+
+    No optimizer, so DeepSpeed only partitions the weights and gathers each layer's around its
+    forward. Parameters smaller than 10 x hidden_size (norms, biases) stay whole on every rank:
+    gathering them costs more than it saves (the same threshold TRL uses for its reference model).
+    """
+    zero = student["zero_optimization"]
+    frozen: dict[str, Any] = {"stage": 3, "stage3_param_persistence_threshold": 10 * hidden_size}
+    if "offload_param" in zero:
+        frozen["offload_param"] = dict(zero["offload_param"])
+    return {
+        "train_micro_batch_size_per_gpu": student["train_micro_batch_size_per_gpu"],
+        "train_batch_size": student["train_batch_size"],
+        "gradient_accumulation_steps": student["gradient_accumulation_steps"],
+        "zero_optimization": frozen,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def merge_user_config(ours: dict, path: str) -> dict:
     """Overlay slm's values onto a user's DeepSpeed JSON; conflicting values are an error."""
     p = Path(path)

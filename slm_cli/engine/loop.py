@@ -168,6 +168,35 @@ def initialize(model: torch.nn.Module, tcfg, dcfg):
     return engine, ds_config
 
 
+def partition_frozen(model: torch.nn.Module, student_ds_config: dict):
+    """Shard a frozen model (the teacher) across ranks under ZeRO-3 instead of copying it per rank.
+
+    Returns the DeepSpeed engine: call it like the model (each layer's weights are gathered for
+    its forward, then freed) and keep it alive as long as the model is used. Every rank must run
+    the same forwards, as for the student. The model is loaded whole on each rank first and
+    partitioned here, so the saving is for the whole run, not the loading peak.
+    """
+    import deepspeed
+
+    from slm_cli.engine.dsconfig import frozen_zero3_config
+
+    config = frozen_zero3_config(
+        student_ds_config, bf16=next(model.parameters()).dtype == torch.bfloat16, hidden_size=model.config.hidden_size
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def param_counts(module: torch.nn.Module) -> dict[str, int]:
+    """Parameters of `module` in all, and those this rank holds (differs under ZeRO-3 partitioning)."""
+    total = local = 0
+    for p in module.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return {"params": total, "params_on_this_rank": local}
+
+
 def train(
     engine,
     *,

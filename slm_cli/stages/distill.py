@@ -75,11 +75,16 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     teacher.to(engine.device)
-    cache_metrics = {}
+    teacher_metrics = {}
     if cfg.distill.teacher_logits == "precompute":
-        objective, cache_metrics = _cached_objective(cfg, teacher, train_set + val_set, batch_fn, vocab_size)
+        objective, teacher_metrics = _cached_objective(cfg, teacher, train_set + val_set, batch_fn, vocab_size)
         teacher = None  # supervised mode never samples from it; the cache replaces it from here on
     else:
+        if cfg.deepspeed.zero_stage == 3:
+            # sharded like the student, not one whole copy per rank (the loss then takes the
+            # plain-logits path: a sharded lm_head is whole only inside its own forward)
+            teacher = loop.partition_frozen(teacher, ds_config)
+            teacher_metrics["teacher_zero3"] = loop.param_counts(teacher.module)
         objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss and cfg.deepspeed.zero_stage < 3)
     prepare = make_prepare(
         cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
@@ -117,7 +122,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
             parents.append(artifacts.parent("student", cfg.student.path))
         metrics = publish_trained(
             engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
-            stage="distill", metrics={**result.metrics, **cache_metrics, "data": asdict(train_stats)}, parents=parents, extra={"mode": cfg.distill.mode},
+            stage="distill", metrics={**result.metrics, **teacher_metrics, "data": asdict(train_stats)}, parents=parents, extra={"mode": cfg.distill.mode},
         )
     dist.barrier()
     return metrics

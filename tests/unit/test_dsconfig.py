@@ -37,3 +37,16 @@ def test_user_json_fills_and_conflicts(tmp_path):
     assert "zero_optimization.stage: 3" in str(info.value) and "gradient_clipping" in str(info.value)
     with pytest.raises(SlmError, match="no such file"):
         build_ds_config(TrainConfig(), DeepSpeedConfig(config_file=str(tmp_path / "missing.json")), 1)
+
+
+def test_frozen_zero3_config_shards_without_an_optimizer():
+    from slm_cli.engine.dsconfig import frozen_zero3_config
+
+    student = build_ds_config(
+        TrainConfig(micro_batch_size=4, grad_accum=2), DeepSpeedConfig(zero_stage=3, offload_optimizer="cpu", offload_param="cpu"), 2
+    )
+    frozen = frozen_zero3_config(student, bf16=True, hidden_size=64)
+    assert "optimizer" not in frozen and "gradient_clipping" not in frozen
+    assert frozen["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 640,
+                                           "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert frozen["bf16"] == {"enabled": True} and frozen["train_batch_size"] == 16
