@@ -69,7 +69,9 @@ def clear_stale_locks(root: Path | None = None, settle: float = 0.5) -> list[Pat
     root = extensions_root() if root is None else Path(root)
     if not Path("/proc/self/fd").is_dir() or not root.is_dir():
         return []
-    locks = [p for p in root.glob("*/*/lock")] + [p for p in root.glob("*/lock")]
+    locks = list(root.glob("*/*/lock")) + list(root.glob("*/lock"))
+    if not locks:
+        return []  # the usual case: no need to read every process's open files
     candidates = _orphans(locks)
     if not candidates:
         return []
