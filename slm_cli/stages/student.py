@@ -32,8 +32,8 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
     from slm_cli.engine.publish import publish_trained
-    from slm_cli.pretrained import resolve_model_path
     from slm_cli.errors import SlmError
+    from slm_cli.pretrained import resolve_model_path
 
     # --- setup -------------------------------------------------------------------------------
     quiet_libraries()

@@ -1,5 +1,7 @@
 """`slm distill` end to end on tiny models: every mode, the fused loss, on-policy sampling, checks."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_cli.distill.sampler import completion_batch, sample_completions, split_prompts
+from slm_cli.engine.launcher import RENDEZVOUS_VARS
 from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128"]
@@ -131,11 +134,6 @@ def test_on_policy_under_zero3_is_a_config_error(slm, tmp_path, pair, capsys):
 
 def test_zero3_shards_the_teacher_across_two_processes(tmp_path, pair):
     """Under ZeRO-3 each rank holds part of the teacher, and distillation matches the one-copy run."""
-    import os
-    import subprocess
-
-    from slm_cli.engine.launcher import RENDEZVOUS_VARS
-
     teacher, student = pair
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     runs = {}
