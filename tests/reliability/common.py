@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slm_cli.data import load_splits
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.engine.launcher import RENDEZVOUS_VARS
-from tests.stages.helpers import FAST
+from tests.stages.helpers import FAST, run_slm  # noqa: F401  (run_slm is re-exported for the battery)
 
 TINY = ["model=tiny-llama", "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]
 TEACHER = [*TINY, *FAST]
@@ -95,15 +95,3 @@ def nothing_written(out: Path) -> bool:
     out = Path(out)
     return not any(p.exists() for p in (out, out.with_name(out.name + ".work"), out.with_name(out.name + ".lock")))
 
-
-def run_slm(*args: str) -> int:
-    """`slm <args>` in this process (for module fixtures, where the function-scoped `slm` fixture is unavailable)."""
-    from slm_cli.__main__ import main
-
-    argv = list(sys.argv)
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -66,3 +67,16 @@ def reloaded_val_loss(folder) -> float:
         total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
     return total / count
+
+
+def run_slm(*args: str) -> int:
+    """`slm <args>` in this process (for module fixtures, where the function-scoped `slm` fixture is unavailable)."""
+    from slm_cli.__main__ import main
+
+    argv = list(sys.argv)
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv

@@ -10,21 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_cli.distill.sampler import completion_batch, sample_completions, split_prompts
 from slm_cli.engine.launcher import RENDEZVOUS_VARS
-from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss
+from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss, run_slm
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128"]
-
-
-def _main(*args):
-    from slm_cli.__main__ import main
-
-    argv = list(sys.argv)
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        sys.argv = argv
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +20,9 @@ def pair(tmp_path_factory):
     """A briefly trained 4-layer teacher and a 2-layer student that shares its tokenizer."""
     root = tmp_path_factory.mktemp("pair")
     teacher, student = root / "teacher", root / "student"
-    assert _main("teacher", "model=tiny-llama", *SMALL, *FAST, "train.max_steps=40", f"output_dir={teacher}",
+    assert run_slm("teacher", "model=tiny-llama", *SMALL, *FAST, "train.max_steps=40", f"output_dir={teacher}",
                  f"hydra.run.dir={root}/logs/t") == 0
-    assert _main("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=10",
+    assert run_slm("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=10",
                  f"output_dir={student}", f"hydra.run.dir={root}/logs/s") == 0
     return teacher, student
 

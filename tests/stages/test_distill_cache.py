@@ -1,26 +1,12 @@
 """`slm distill distill.teacher_logits=precompute`: a top-k teacher cache replaces the online teacher."""
 
-import sys
-
 import pytest
 from transformers import AutoTokenizer
 
-from tests.stages.helpers import FAST, meta, metrics_rows
+from tests.stages.helpers import FAST, meta, metrics_rows, run_slm
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128"]
 QUICK = [*FAST, "train.max_steps=4", "data.train_size=64", "train.micro_batch_size=8"]
-
-
-def _main(*args):
-    from slm_cli.__main__ import main
-
-    argv = list(sys.argv)
-    try:
-        return main(list(args))
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        sys.argv = argv
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +14,9 @@ def pair(tmp_path_factory):
     """A briefly trained teacher and a student that shares its tokenizer."""
     root = tmp_path_factory.mktemp("pair")
     teacher, student = root / "teacher", root / "student"
-    assert _main("teacher", "model=tiny-llama", *SMALL, *FAST, "train.max_steps=6", f"output_dir={teacher}",
+    assert run_slm("teacher", "model=tiny-llama", *SMALL, *FAST, "train.max_steps=6", f"output_dir={teacher}",
                  f"hydra.run.dir={root}/logs/t") == 0
-    assert _main("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=2",
+    assert run_slm("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=2",
                  f"output_dir={student}", f"hydra.run.dir={root}/logs/s") == 0
     return teacher, student
 
