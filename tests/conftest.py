@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
@@ -26,17 +25,7 @@ def _slm_cache(tmp_path_factory):
 @pytest.fixture
 def slm(tmp_path, monkeypatch):
     """Run `slm <args>` in-process from `tmp_path`, as a user would type it; returns the exit code."""
-    from slm_cli.__main__ import main
+    from tests.stages.helpers import run_slm
 
     monkeypatch.chdir(tmp_path)
-    argv_before = list(sys.argv)
-
-    def run(*args: str) -> int:
-        try:
-            return main(list(args))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 1
-        finally:
-            sys.argv = argv_before
-
-    return run
+    return run_slm
