@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/distill_loss.py                      # 4096 tokens, hidden 512, vocab 32000
     .venv/bin/python bench/distill_loss.py --chunks 256 512 1024 --compile
+    .venv/bin/python bench/distill_loss.py --profile 256    # where the chunked loss's time goes
 
 Each variant runs in its own subprocess so its peak memory can be read on CPU, where
 torch's allocator is invisible to tracemalloc: the worker allocates the inputs, reads
@@ -98,6 +99,32 @@ def _worker(args) -> None:
     )
 
 
+def _profile(args) -> None:
+    """torch.profiler's per-op table for one chunked forward + backward (after a warm-up run)."""
+    import torch
+    from torch.profiler import profile
+
+    from slm_cli.distill.losses import fused_linear_distillation_loss
+
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels = _inputs(args)
+
+    def step() -> None:
+        student_hidden.grad = student_weight.grad = None
+        loss, _ = fused_linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, divergence=args.divergence,
+            beta=args.beta, kd_weight=args.kd_weight, chunk_size=args.profile,
+        )  # fmt: skip
+        loss.backward()
+
+    step()
+    with profile() as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm_", "aten::addmm"))
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print(f"GEMMs: {gemm / 1e6:.2f} s of {total / 1e6:.2f} s ({gemm / total:.0%})")
+
+
 def _run_variant(args, variant: str, chunk_size: int = 0, compile: bool = False) -> dict:
     command = [
         sys.executable, __file__, "--worker", variant,
@@ -123,12 +150,16 @@ def main() -> None:
     parser.add_argument("--kd-weight", type=float, default=0.9)
     parser.add_argument("--chunks", type=int, nargs="+", default=[256, 1024], help="chunk sizes to sweep")
     parser.add_argument("--compile", action="store_true", help="also run the chunked loss with compile=True")
+    parser.add_argument("--profile", type=int, metavar="CHUNK", help="profile one chunked fwd+bwd by op instead")
     parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.variant = args.worker
         _worker(args)
+        return
+    if args.profile:
+        _profile(args)
         return
 
     from rich.console import Console

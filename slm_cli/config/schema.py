@@ -383,9 +383,9 @@ class DistillStageConfig(TrainStageConfig):
         out += self.distill.problems("distill") + self.teacher.problems("teacher")
         _problems_if(not self.teacher.path, "teacher.path is required: the teacher artifact folder to distill from", out)
         _problems_if(
-            self.distill.mode in ("on_policy", "mixed", "sequence_level") and self.deepspeed.zero_stage == 3,
-            f"distill.mode={self.distill.mode} samples with model.generate, which slm does not run under ZeRO-3; "
-            "use deepspeed.zero_stage<=2",
+            self.distill.mode == "sequence_level" and self.deepspeed.zero_stage == 3,
+            "distill.mode=sequence_level samples from the teacher, which ZeRO-3 shards across ranks (a whole copy "
+            "per rank would undo that); use deepspeed.zero_stage<=2, or distill.mode=on_policy",
             out,
         )
         return out

@@ -90,12 +90,16 @@ class CachedKDObjective:
         return loss, {"kd": parts["kd"], "ce": parts["ce"]}
 
 
-def make_prepare(mode: str, settings, *, student_engine, teacher, pad_id: int, eos_id: int, seed: int) -> Callable | None:
+def make_prepare(
+    mode: str, settings, *, student_engine, teacher, pad_id: int, eos_id: int, seed: int, student_copy=None
+) -> Callable | None:
     """The loop's `prepare` hook for a distillation mode: swaps dataset completions for sampled ones.
 
     supervised: None (train on the dataset). on_policy: the student writes. sequence_level: the
     teacher writes. mixed: micro-batch k is on-policy with probability `lambda_on_policy`, drawn
-    from a generator seeded by (seed, k) so a resumed run makes the same choices.
+    from a generator seeded by (seed, k) so a resumed run makes the same choices (and every
+    rank the same choice, which the ZeRO-3 refresh below relies on). `student_copy` (a
+    sampler.GenerationCopy, ZeRO-3 only) writes instead of the sharded student.
     """
     if mode == "supervised":
         return None
@@ -115,6 +119,7 @@ def make_prepare(mode: str, settings, *, student_engine, teacher, pad_id: int, e
             return write(batch, teacher, on_policy=False)
         if mode == "mixed" and random.Random(seed * 1_000_003 + k).random() >= settings.lambda_on_policy:
             return batch
-        return write(batch, student_engine.module, on_policy=True)
+        writer = student_copy.refresh(student_engine) if student_copy is not None else student_engine.module
+        return write(batch, writer, on_policy=True)
 
     return prepare

@@ -12,6 +12,8 @@ SFT stages read (prompt/completion or chat) feeds on-policy distillation unchang
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 IGNORE_INDEX = -100
@@ -72,6 +74,37 @@ def sample_completions(
             row = row[: row.index(eos_id) + 1]
         completions.append(row or [eos_id])
     return completions
+
+
+class GenerationCopy:
+    """A whole, unsharded copy of a ZeRO-3 student that writes its on-policy completions.
+
+    Under ZeRO-3 each rank holds a slice of every weight, gathered collectively inside each
+    layer's forward. Decoding through the sharded model would make every rank run the same
+    number of decoding steps (a rank that stops early leaves the others waiting in a gather),
+    so instead this copy is refreshed from the gathered weights -- one collective per
+    optimizer step, on every rank -- and then samples locally with no collective at all.
+    The cost is one whole student per rank (the model being distilled is the small one).
+    Build it from the model *before* DeepSpeed partitions it; ``refresh`` every rank at once.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._step: int | None = None
+
+    def refresh(self, engine) -> torch.nn.Module:
+        """Copy `engine`'s current (sharded) weights into the copy and return it; a collective."""
+        import deepspeed
+
+        if self._step == engine.global_steps:  # gradient accumulation: weights unchanged since the last copy
+            return self.model
+        sharded = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(sharded.values())):
+            for name, param in self.model.named_parameters():
+                param.data = sharded[name].data.detach().clone()  # takes the engine's dtype (bf16 runs)
+        self.model.to(engine.device)
+        self._step = engine.global_steps
+        return self.model
 
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict:

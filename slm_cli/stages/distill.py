@@ -30,6 +30,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     from slm_cli.data.tokenize import collate, encode_dataset
     from slm_cli.distill.losses import check_vocab
     from slm_cli.distill.objective import KDObjective, make_prepare
+    from slm_cli.distill.sampler import GenerationCopy
     from slm_cli.engine import distributed as dist
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
@@ -73,6 +74,10 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
     val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len)
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    # ZeRO-3 shards the student; it samples through a whole copy taken before partitioning
+    student_copy = None
+    if cfg.deepspeed.zero_stage == 3 and cfg.distill.mode in ("on_policy", "mixed"):
+        student_copy = GenerationCopy(model)
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     teacher.to(engine.device)
     teacher_metrics = {}
@@ -88,7 +93,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
         objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss and cfg.deepspeed.zero_stage < 3)
     prepare = make_prepare(
         cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
-        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed,
+        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed, student_copy=student_copy,
     )
     if dist.is_main():
         artifacts.begin(cfg.output_dir, cfg.overwrite)

@@ -113,11 +113,12 @@ def test_mismatched_tokenizer_is_refused(slm, tmp_path, pair):
     assert not (tmp_path / "d").exists()
 
 
-def test_on_policy_under_zero3_is_a_config_error(slm, tmp_path, pair, capsys):
+def test_sequence_level_under_zero3_is_a_config_error(slm, tmp_path, pair, capsys):
     teacher, student = pair
-    rc = slm("distill", "distill=on_policy", "deepspeed=zero3", f"teacher.path={teacher}", f"student.path={student}",
+    rc = slm("distill", "distill=sequence_level", "deepspeed=zero3", f"teacher.path={teacher}", f"student.path={student}",
              f"output_dir={tmp_path}/d")
-    assert rc == 2 and "use deepspeed.zero_stage<=2" in capsys.readouterr().err
+    assert rc == 2 and "use deepspeed.zero_stage<=2, or distill.mode=on_policy" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_zero3_shards_the_teacher_across_two_processes(tmp_path, pair):
@@ -143,4 +144,27 @@ def test_zero3_shards_the_teacher_across_two_processes(tmp_path, pair):
     assert counts["params_on_this_rank"] < 0.6 * full
     assert "teacher_zero3" not in meta(runs["zero2"])["metrics"]
     z3, z2 = metrics_rows(runs["zero3"]), metrics_rows(runs["zero2"])
+    assert [r["loss"] for r in z3] == pytest.approx([r["loss"] for r in z2], rel=1e-4)
+
+
+def test_on_policy_under_zero3_matches_zero2_on_two_processes(tmp_path, pair):
+    """ZeRO-3 samples through a whole copy refreshed from the sharded student: same text, same losses."""
+    teacher, student = pair
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    runs = {}
+    for stage in ("zero3", "zero2"):
+        out = tmp_path / stage
+        proc = subprocess.run(
+            [sys.executable, "-m", "slm_cli", "distill", "distill=on_policy", "launcher=ddp2", f"deepspeed={stage}",
+             f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=4", "train.grad_accum=2",
+             "train.micro_batch_size=4", "distill.gen_max_new_tokens=6", "distill.fused_loss=false",
+             f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs/{stage}"],
+            capture_output=True, text=True, timeout=600, env=env,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[stage] = metrics_rows(out)
+    z3, z2 = runs["zero3"], runs["zero2"]
+    assert len(z3) == 4 and all(r["tokens"] > 0 for r in z3)
+    # The copy tracks the trained weights: a stale one samples other text from step 2 on (other losses).
+    assert [r["tokens"] for r in z3] == [r["tokens"] for r in z2]
     assert [r["loss"] for r in z3] == pytest.approx([r["loss"] for r in z2], rel=1e-4)
