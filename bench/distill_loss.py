@@ -101,7 +101,6 @@ def _worker(args) -> None:
 
 def _profile(args) -> None:
     """torch.profiler's per-op table for one chunked forward + backward (after a warm-up run)."""
-    import torch
     from torch.profiler import profile
 
     from slm_cli.distill.losses import fused_linear_distillation_loss
