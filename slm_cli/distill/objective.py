@@ -2,13 +2,15 @@
 
 By default (`distill.fused_loss=true`) only the two models' last hidden states are computed;
 `fused_linear_distillation_loss` applies each lm_head chunk by chunk, so the tokens x vocab
-logits of neither model exist at once. Under ZeRO-3 the student's lm_head weight is sharded
-across ranks and only whole during its own forward, so slm falls back to the plain logits
-path there.
+logits of neither model exist at once. The loss runs *inside* a call of the student's lm_head
+module (see ``fused_head``): under ZeRO-3 a sharded weight is whole only during its own
+module's forward and backward, which DeepSpeed's module hooks arrange, so the same code path
+serves every ZeRO stage. The frozen teacher's lm_head is gathered around the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Callable
 
@@ -25,11 +27,52 @@ def causal_lm_parts(module) -> tuple[torch.nn.Module, torch.nn.Module]:
     return base.model, base.lm_head
 
 
+def fused_head(head: torch.nn.Module) -> torch.nn.Module:
+    """Let `head` (an lm_head Linear) also compute the fused distillation loss when called for it.
+
+    ``head(hidden)`` is unchanged. ``head(hidden, teacher_hidden, teacher_weight, teacher_bias,
+    labels, loss_kwargs)`` returns fused_linear_distillation_loss(...) of the head's own weight
+    and bias as (loss, kd, ce, num_tokens). Calling through the module, rather than reading
+    ``head.weight`` outside it, is what lets ZeRO-3 gather the sharded weight for the forward and
+    again for the backward (where the weight's gradient lands), then re-partition it. Only this
+    instance's forward is replaced; its class, parameters and state_dict stay as they were.
+    """
+    if getattr(head, "_slm_fused", False):
+        return head
+    plain = head.forward
+
+    def forward(hidden, teacher_hidden=None, teacher_weight=None, teacher_bias=None, labels=None, loss_kwargs=None):
+        if teacher_hidden is None:
+            return plain(hidden)
+        loss, parts = fused_linear_distillation_loss(
+            hidden, head.weight, teacher_hidden, teacher_weight, labels, student_bias=head.bias, **loss_kwargs
+        )
+        return loss, parts["kd"], parts["ce"], parts["num_tokens"]
+
+    head.forward = forward
+    head._slm_fused = True
+    return head
+
+
+def _gathered(module: torch.nn.Module):
+    """The module's own (ZeRO-3 sharded) parameters gathered for reading; a no-op if not sharded."""
+    params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 class KDObjective:
-    """loss_fn(engine, batch) -> (summed loss, parts) for slm_cli.engine.loop.train."""
+    """loss_fn(engine, batch) -> (summed loss, parts) for slm_cli.engine.loop.train.
+
+    `teacher` is the frozen model, or its ZeRO-3 engine (slm_cli.engine.loop.partition_frozen).
+    """
 
     def __init__(self, teacher, settings, vocab_size: int, fused: bool):
         self.teacher, self.s, self.vocab_size, self.fused = teacher, settings, vocab_size, fused
+        self.teacher_model = getattr(teacher, "module", teacher)  # the model inside a DeepSpeed engine
 
     def _loss_kwargs(self, batch: dict) -> dict:
         # Text the student wrote itself has no "right answer" to imitate: pure KD there.
@@ -45,13 +88,16 @@ class KDObjective:
         if self.fused:
             backbone, head = causal_lm_parts(engine.module)
             h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            t_backbone, t_head = causal_lm_parts(self.teacher_model)
             with torch.no_grad():
-                t_backbone, t_head = causal_lm_parts(self.teacher)
                 ht = t_backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-            loss, parts = fused_linear_distillation_loss(
-                h.reshape(-1, h.size(-1)), head.weight, ht.reshape(-1, ht.size(-1)), t_head.weight, labels.reshape(-1),
-                chunk_size=self.s.chunk_size, compile=self.s.compile, **self._loss_kwargs(batch),
-            )
+            loss_kwargs = dict(chunk_size=self.s.chunk_size, compile=self.s.compile, **self._loss_kwargs(batch))
+            with _gathered(t_head):
+                loss, kd, ce, _ = fused_head(head)(
+                    h.reshape(-1, h.size(-1)), ht.reshape(-1, ht.size(-1)), t_head.weight, t_head.bias,
+                    labels.reshape(-1), loss_kwargs,
+                )  # fmt: skip
+            parts = {"kd": kd, "ce": ce}
         else:
             s_logits = engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
             with torch.no_grad():

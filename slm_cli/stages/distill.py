@@ -86,11 +86,10 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
         teacher = None  # supervised mode never samples from it; the cache replaces it from here on
     else:
         if cfg.deepspeed.zero_stage == 3:
-            # sharded like the student, not one whole copy per rank (the loss then takes the
-            # plain-logits path: a sharded lm_head is whole only inside its own forward)
+            # sharded like the student, not one whole copy per rank
             teacher = loop.partition_frozen(teacher, ds_config)
             teacher_metrics["teacher_zero3"] = loop.param_counts(teacher.module)
-        objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss and cfg.deepspeed.zero_stage < 3)
+        objective = KDObjective(teacher, cfg.distill, vocab_size, fused=cfg.distill.fused_loss)
     prepare = make_prepare(
         cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
         pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed, student_copy=student_copy,
