@@ -29,11 +29,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is dict:
         _, inner = get_args(tp) or (str, Any)
-        if not isinstance(value, dict):
-            problems.append(f"{key}={value!r} must be a mapping, e.g. {key}={{name: value}}")
-            return _BAD
-        items = {k: _coerce(v, inner, f"{key}.{k}", problems) for k, v in value.items()}
-        return _BAD if any(v is _BAD for v in items.values()) else items
+        return f"mapping of {_type_name(inner)}"
     if origin is list:
         (inner,) = get_args(tp) or (Any,)
         return f"list of {_type_name(inner)}"

@@ -102,3 +102,20 @@ def test_overview_lists_stages_and_recipes():
     assert proc.returncode == 0
     for word in ("teacher", "student", "distill", "tiny-zero2-offload"):
         assert word in proc.stdout
+
+
+def test_a_union_with_a_mapping_arm_names_both_arms():
+    """The type in the message is spelled out for every arm (a dict arm used to raise NameError)."""
+    import dataclasses
+    from typing import Union
+
+    @dataclasses.dataclass
+    class Weights:
+        weights: Union[int, dict[str, float]] = 0
+
+        def problems(self, where: str = "") -> list[str]:
+            return []
+
+    with pytest.raises(ConfigError, match=r"weights=\[1, 2\] has the wrong type: expected int or mapping of float"):
+        validate({"weights": [1, 2]}, Weights)
+    assert validate({"weights": {"a": 1}}, Weights).weights == {"a": 1.0}
