@@ -326,8 +326,6 @@ class DistillSettings:
     fused_loss: bool = True  # chunked fused-linear loss: the tokens x vocab logits never exist at once
     chunk_size: int = 256  # tokens per chunk of the fused loss (peak extra memory ~4 x chunk x vocab floats)
     compile: bool = False  # torch.compile the fused loss's per-chunk math
-    teacher_logits: str = "online"  # online: run the teacher each step | precompute: read a top-k cache written once
-    logits_top_k: int = 64  # precompute: teacher log-probs kept per position (the rest of the mass kept as one bucket)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -346,17 +344,22 @@ class DistillSettings:
         _problems_if(not 0.0 < self.gen_top_p <= 1.0, f"{where}.gen_top_p={self.gen_top_p} must be in (0, 1]", out)
         _problems_if(self.gen_top_k < 0, f"{where}.gen_top_k must be >= 0", out)
         _problems_if(self.chunk_size < 1, f"{where}.chunk_size must be >= 1", out)
+        return out
+
+
+@dataclass
+class DistillTeacher(TeacherRef):
+    """The teacher of `slm distill`, and whether its logits are computed online or read from a cache."""
+
+    logits: str = "online"  # online: run the teacher each step | precompute: read a top-k cache written once
+    logits_top_k: int = 64  # precompute: teacher log-probs kept per position (the rest of the mass kept as one bucket)
+
+    def problems(self, where: str) -> list[str]:
+        out = super().problems(where)
         _problems_if(
-            self.teacher_logits not in TEACHER_LOGITS,
-            f"{where}.teacher_logits={self.teacher_logits!r}: choose online or precompute",
-            out,
+            self.logits not in TEACHER_LOGITS, f"{where}.logits={self.logits!r}: choose online or precompute", out
         )
         _problems_if(self.logits_top_k < 1, f"{where}.logits_top_k must be >= 1", out)
-        _problems_if(
-            self.teacher_logits == "precompute" and self.mode != "supervised",
-            f"{where}.teacher_logits=precompute needs mode=supervised: on-policy text does not exist before training",
-            out,
-        )
         return out
 
 
@@ -374,7 +377,7 @@ class DistillStudent:
 class DistillStageConfig(TrainStageConfig):
     """`slm distill`: the student learns the teacher's next-token distributions."""
 
-    teacher: TeacherRef = field(default_factory=TeacherRef)
+    teacher: DistillTeacher = field(default_factory=DistillTeacher)
     student: DistillStudent = field(default_factory=DistillStudent)
     distill: DistillSettings = field(default_factory=DistillSettings)
 
@@ -382,6 +385,12 @@ class DistillStageConfig(TrainStageConfig):
         out = super().problems(where)
         out += self.distill.problems("distill") + self.teacher.problems("teacher")
         _problems_if(not self.teacher.path, "teacher.path is required: the teacher artifact folder to distill from", out)
+        _problems_if(
+            self.teacher.logits == "precompute" and self.distill.mode != "supervised",
+            f"teacher.logits=precompute needs distill.mode=supervised (got {self.distill.mode}): text the models "
+            "write during training does not exist when the cache is written",
+            out,
+        )
         _problems_if(
             self.distill.mode == "sequence_level" and self.deepspeed.zero_stage == 3,
             "distill.mode=sequence_level samples from the teacher, which ZeRO-3 shards across ranks (a whole copy "

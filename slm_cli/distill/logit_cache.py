@@ -1,6 +1,6 @@
 """Offline teacher logits: the teacher's top-k log-probabilities, written once, read every step.
 
-`distill.teacher_logits=precompute` runs the teacher over the training (and validation)
+`teacher.logits=precompute` runs the teacher over the training (and validation)
 examples once and keeps, for every target position (a position whose next token has a label),
 the k most likely token ids, their log-probabilities log p_i at the KD temperature T
 (p = softmax(t / T)), and the log of the remaining mass r = 1 − Σ_top-k p_i. Training then reads
@@ -134,7 +134,7 @@ def write_cache(
     without index.json is incomplete and gets rewritten.
     """
     if not 1 <= k <= vocab_size:
-        raise ValueError(f"distill.logits_top_k={k} must be in [1, {vocab_size}] (the shared vocabulary)")
+        raise ValueError(f"teacher.logits_top_k={k} must be in [1, {vocab_size}] (the shared vocabulary)")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for old in list(cache_dir.glob("shard-*.safetensors")) + [cache_dir / INDEX_NAME]:

@@ -107,7 +107,7 @@ class KDObjective:
 
 
 class CachedKDObjective:
-    """loss_fn(engine, batch) for distill.teacher_logits=precompute: the teacher's rows come from a top-k cache.
+    """loss_fn(engine, batch) for teacher.logits=precompute: the teacher's rows come from a top-k cache.
 
     Only the student runs (plain logits path, not fused: the loss needs its full log-softmax to
     gather the teacher's ids and its rest mass). The KD term is ``topk_distillation_loss``:

@@ -81,7 +81,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     teacher.to(engine.device)
     teacher_metrics = {}
-    if cfg.distill.teacher_logits == "precompute":
+    if cfg.teacher.logits == "precompute":
         objective, teacher_metrics = _cached_objective(cfg, teacher, train_set + val_set, batch_fn, vocab_size)
         teacher = None  # supervised mode never samples from it; the cache replaces it from here on
     else:
@@ -146,9 +146,9 @@ def _cached_objective(cfg: DistillStageConfig, teacher, examples: list, batch_fn
     from slm_cli.engine import distributed as dist
     from slm_cli.errors import SlmError
 
-    k = cfg.distill.logits_top_k
+    k = cfg.teacher.logits_top_k
     if k > vocab_size:
-        raise SlmError(f"distill.logits_top_k={k} is larger than the shared vocabulary ({vocab_size}); use at most {vocab_size}.")
+        raise SlmError(f"teacher.logits_top_k={k} is larger than the shared vocabulary ({vocab_size}); use at most {vocab_size}.")
     dtype = torch.float32 if k == vocab_size else torch.float16
     cache_dir = artifacts.work_dir(cfg.output_dir) / "teacher_logits"
     if dist.is_main():

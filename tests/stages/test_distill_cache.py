@@ -1,4 +1,4 @@
-"""`slm distill distill.teacher_logits=precompute`: a top-k teacher cache replaces the online teacher."""
+"""`slm distill teacher.logits=precompute`: a top-k teacher cache replaces the online teacher."""
 
 import pytest
 from transformers import AutoTokenizer
@@ -27,7 +27,7 @@ def test_k_equal_vocab_gives_the_online_losses(slm, tmp_path, pair):
     vocab = len(AutoTokenizer.from_pretrained(teacher))
     common = [f"teacher.path={teacher}", f"student.path={student}", *QUICK, "distill.kd_temperature=2.0"]
     assert slm("distill", *common, f"output_dir={tmp_path}/online") == 0
-    assert slm("distill", *common, "distill.teacher_logits=precompute", f"distill.logits_top_k={vocab}",
+    assert slm("distill", *common, "teacher.logits=precompute", f"teacher.logits_top_k={vocab}",
                f"output_dir={tmp_path}/cached") == 0
     online, cached = metrics_rows(tmp_path / "online"), metrics_rows(tmp_path / "cached")
     assert len(online) == len(cached) == 4
@@ -44,7 +44,7 @@ def test_small_k_trains_and_reports_bytes(slm, tmp_path, pair, divergence):
     teacher, student = pair
     out = tmp_path / "k8"
     assert slm("distill", f"teacher.path={teacher}", f"student.path={student}", *QUICK, "train.max_steps=6",
-               "distill.teacher_logits=precompute", "distill.logits_top_k=8", f"distill.divergence={divergence}",
+               "teacher.logits=precompute", "teacher.logits_top_k=8", f"distill.divergence={divergence}",
                f"output_dir={out}") == 0
     m = meta(out)["metrics"]
     assert m["teacher_cache_bytes_per_token"] == 8 * 4 + 8 * 2 + 4  # int32 ids, float16 log-probs, float32 rest
@@ -56,7 +56,7 @@ def test_small_k_trains_and_reports_bytes(slm, tmp_path, pair, divergence):
 
 def test_precompute_rejects_bad_settings(slm, tmp_path, pair):
     teacher, student = pair
-    common = [f"teacher.path={teacher}", f"student.path={student}", *QUICK, "distill.teacher_logits=precompute"]
-    assert slm("distill", *common, "distill.logits_top_k=100000", f"output_dir={tmp_path}/big") != 0
+    common = [f"teacher.path={teacher}", f"student.path={student}", *QUICK, "teacher.logits=precompute"]
+    assert slm("distill", *common, "teacher.logits_top_k=100000", f"output_dir={tmp_path}/big") != 0
     assert slm("distill", *common, "distill=on_policy", f"output_dir={tmp_path}/onp") != 0
     assert not (tmp_path / "big").exists() and not (tmp_path / "onp").exists()
