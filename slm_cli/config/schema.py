@@ -391,12 +391,6 @@ class DistillStageConfig(TrainStageConfig):
             "write during training does not exist when the cache is written",
             out,
         )
-        _problems_if(
-            self.distill.mode == "sequence_level" and self.deepspeed.zero_stage == 3,
-            "distill.mode=sequence_level samples from the teacher, which ZeRO-3 shards across ranks (a whole copy "
-            "per rank would undo that); use deepspeed.zero_stage<=2, or distill.mode=on_policy",
-            out,
-        )
         return out
 
 

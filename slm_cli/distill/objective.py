@@ -137,7 +137,8 @@ class CachedKDObjective:
 
 
 def make_prepare(
-    mode: str, settings, *, student_engine, teacher, pad_id: int, eos_id: int, seed: int, student_copy=None
+    mode: str, settings, *, student_engine, teacher, pad_id: int, eos_id: int, seed: int, student_copy=None,
+    teacher_synced: bool = False,
 ) -> Callable | None:
     """The loop's `prepare` hook for a distillation mode: swaps dataset completions for sampled ones.
 
@@ -145,16 +146,17 @@ def make_prepare(
     teacher writes. mixed: micro-batch k is on-policy with probability `lambda_on_policy`, drawn
     from a generator seeded by (seed, k) so a resumed run makes the same choices (and every
     rank the same choice, which the ZeRO-3 refresh below relies on). `student_copy` (a
-    sampler.GenerationCopy, ZeRO-3 only) writes instead of the sharded student.
+    sampler.GenerationCopy, ZeRO-3 only) writes instead of the sharded student;
+    `teacher_synced` (a ZeRO-3 teacher on several ranks) keeps the ranks decoding in step.
     """
     if mode == "supervised":
         return None
 
-    def write(batch: dict, writer, on_policy: bool) -> dict:
+    def write(batch: dict, writer, on_policy: bool, synced: bool = False) -> dict:
         prompts = split_prompts(batch)
         completions = sample_completions(
             writer, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=settings.gen_max_new_tokens,
-            temperature=settings.gen_temperature, top_p=settings.gen_top_p, top_k=settings.gen_top_k,
+            temperature=settings.gen_temperature, top_p=settings.gen_top_p, top_k=settings.gen_top_k, synced=synced,
         )
         out = completion_batch(prompts, completions, pad_id, batch["input_ids"].device)
         out["on_policy"] = on_policy
@@ -162,7 +164,7 @@ def make_prepare(
 
     def prepare(batch: dict, k: int) -> dict:
         if mode == "sequence_level":
-            return write(batch, teacher, on_policy=False)
+            return write(batch, teacher, on_policy=False, synced=teacher_synced)
         if mode == "mixed" and random.Random(seed * 1_000_003 + k).random() >= settings.lambda_on_policy:
             return batch
         writer = student_copy.refresh(student_engine) if student_copy is not None else student_engine.module

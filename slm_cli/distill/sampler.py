@@ -51,8 +51,13 @@ def sample_completions(
     temperature: float,
     top_p: float = 1.0,
     top_k: int = 0,
+    synced: bool = False,
 ) -> list[list[int]]:
     """One completion per prompt from `model` (batched, KV cache), cut after its first EOS.
+
+    `synced=True` is for a model sharded by ZeRO-3 over several ranks (the teacher in
+    sequence_level mode): each decoding step gathers weights collectively, so every rank keeps
+    stepping until all ranks are done (transformers' ``synced_gpus``).
 
     `temperature` is the sampling temperature (`gen_temperature`); 0 means greedy. A completion
     that ends without EOS is kept as written (it hit `max_new_tokens`); one that is empty gets
@@ -64,7 +69,7 @@ def sample_completions(
     kwargs = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-        use_cache=True, **kwargs,
+        use_cache=True, synced_gpus=synced, **kwargs,
     )
     if was_training:
         model.train()

@@ -93,6 +93,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     prepare = make_prepare(
         cfg.distill.mode, cfg.distill, student_engine=engine, teacher=teacher,
         pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, seed=cfg.seed, student_copy=student_copy,
+        teacher_synced=cfg.deepspeed.zero_stage == 3 and dist.world_size() > 1,
     )
     if dist.is_main():
         artifacts.begin(cfg.output_dir, cfg.overwrite)
