@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import types
 from typing import Callable
 
 import torch
@@ -27,6 +28,16 @@ def causal_lm_parts(module) -> tuple[torch.nn.Module, torch.nn.Module]:
     return base.model, base.lm_head
 
 
+def _fused_head_forward(self, hidden, teacher_hidden=None, teacher_weight=None, teacher_bias=None, labels=None,
+                        loss_kwargs=None):
+    if teacher_hidden is None:
+        return type(self).forward(self, hidden)  # the plain lm_head
+    loss, parts = fused_linear_distillation_loss(
+        hidden, self.weight, teacher_hidden, teacher_weight, labels, student_bias=self.bias, **loss_kwargs
+    )
+    return loss, parts["kd"], parts["ce"], parts["num_tokens"]
+
+
 def fused_head(head: torch.nn.Module) -> torch.nn.Module:
     """Let `head` (an lm_head Linear) also compute the fused distillation loss when called for it.
 
@@ -35,22 +46,11 @@ def fused_head(head: torch.nn.Module) -> torch.nn.Module:
     and bias as (loss, kd, ce, num_tokens). Calling through the module, rather than reading
     ``head.weight`` outside it, is what lets ZeRO-3 gather the sharded weight for the forward and
     again for the backward (where the weight's gradient lands), then re-partition it. Only this
-    instance's forward is replaced; its class, parameters and state_dict stay as they were.
+    instance's forward is replaced (a bound method, so a deepcopy binds to the copy); its class,
+    parameters and state_dict stay as they were.
     """
-    if getattr(head, "_slm_fused", False):
-        return head
-    plain = head.forward
-
-    def forward(hidden, teacher_hidden=None, teacher_weight=None, teacher_bias=None, labels=None, loss_kwargs=None):
-        if teacher_hidden is None:
-            return plain(hidden)
-        loss, parts = fused_linear_distillation_loss(
-            hidden, head.weight, teacher_hidden, teacher_weight, labels, student_bias=head.bias, **loss_kwargs
-        )
-        return loss, parts["kd"], parts["ce"], parts["num_tokens"]
-
-    head.forward = forward
-    head._slm_fused = True
+    if getattr(head.__dict__.get("forward"), "__func__", None) is not _fused_head_forward:
+        head.forward = types.MethodType(_fused_head_forward, head)
     return head
 
 

@@ -445,3 +445,29 @@ def test_compiled_chunk_math_matches_eager():
     for grad_c, grad_f in zip(compiled[2:4], fused[2:4]):
         torch.testing.assert_close(grad_c, grad_f, rtol=1e-5, atol=1e-6)
     assert math.isfinite(naive[0].item())
+
+
+def test_fused_head_keeps_the_plain_call_and_computes_the_loss_with_its_own_weight():
+    """objective.fused_head: head(x) is still x @ W.T; the loss call equals the direct fused loss, gradients included."""
+    import copy
+
+    from slm_cli.distill.objective import fused_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(5, 8), torch.randn(11, 8)
+    labels = torch.tensor([1, 2, -100, 4, 5])
+    kwargs = dict(divergence="generalized_jsd", beta=0.3, kd_weight=0.7, chunk_size=2)
+    direct, parts = fused_linear_distillation_loss(hidden, head.weight, teacher_hidden, teacher_weight, labels, **kwargs)
+    grads = torch.autograd.grad(direct, [hidden, head.weight])
+
+    assert fused_head(head) is head and fused_head(head).forward.__func__ is head.forward.__func__
+    assert torch.equal(head(hidden), hidden @ head.weight.t())
+    loss, kd, ce, num_tokens = head(hidden, teacher_hidden, teacher_weight, None, labels, kwargs)
+    assert torch.equal(loss, direct) and torch.equal(kd, parts["kd"]) and int(num_tokens) == 4
+    for got, want in zip(torch.autograd.grad(loss, [hidden, head.weight]), grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    twin = copy.deepcopy(head)  # the bound forward follows the copy, not the original's weight
+    twin.weight.data.zero_()
+    assert twin(hidden).abs().sum() == 0 and head(hidden).abs().sum() > 0
