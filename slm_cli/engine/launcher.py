@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from slm_cli.engine.ops import clear_shm_buffers
 from slm_cli.errors import SlmError
 
 
@@ -70,7 +71,11 @@ def relaunch(cfg, values: dict) -> int:
     cmd = launch_command(cfg.stage, overrides, cfg.launcher.nproc_per_node, cfg.launcher.hostfile, port)
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}  # the launcher sets its own
     env.update(SLM_LAUNCHED="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", _accelerator()))
-    return subprocess.call(cmd, env=env)
+    clear_shm_buffers()  # left by earlier runs that were killed before this cleanup ran
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        clear_shm_buffers(port=port, min_age=0.0)  # DeepSpeed never unlinks its ranks' buffers
 
 
 def _accelerator() -> str:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_cli.distill.sampler import completion_batch, sample_completions, split_prompts
 from slm_cli.engine.launcher import RENDEZVOUS_VARS
+from slm_cli.engine.ops import SHM_DIR, SHM_PREFIX
 from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss, run_slm
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128"]
@@ -144,6 +145,7 @@ def test_on_policy_under_zero3_matches_zero2_on_two_processes(tmp_path, pair):
     teacher, student = pair
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     runs = {}
+    shm_before = set(SHM_DIR.glob(f"{SHM_PREFIX}*"))
     for stage in ("zero3", "zero2"):
         out = tmp_path / stage
         proc = subprocess.run(
@@ -155,6 +157,8 @@ def test_on_policy_under_zero3_matches_zero2_on_two_processes(tmp_path, pair):
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[stage] = metrics_rows(out)
+    # DeepSpeed's CPU all-reduce buffers (69 MB per rank in /dev/shm) do not outlive the runs
+    assert set(SHM_DIR.glob(f"{SHM_PREFIX}*")) <= shm_before
     z3, z2 = runs["zero3"], runs["zero2"]
     assert len(z3) == 4 and all(r["tokens"] > 0 for r in z3)
     # The copy tracks the trained weights: a stale one samples other text from step 2 on (other losses).

@@ -1,4 +1,4 @@
-"""A build lock left by a killed process is removed; a lock a live process holds is kept."""
+"""Left-overs of dead processes are removed, what a live process uses is kept: build locks, shm buffers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from slm_cli.engine.ops import clear_stale_locks
+from slm_cli.engine.ops import SHM_PREFIX, clear_shm_buffers, clear_stale_locks
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="holders are read from /proc (Linux)")
 
@@ -42,3 +42,36 @@ def test_no_locks_no_wait(tmp_path):
     t0 = time.perf_counter()
     assert clear_stale_locks(tmp_path, settle=5.0) == []
     assert time.perf_counter() - t0 < 2.0
+
+
+def _buffer(root, port: int, rank: int, age_s: float = 3600.0):
+    path = root / f"{SHM_PREFIX}0_127.0.0.1_{port}_{rank}"
+    path.write_bytes(b"\0" * 4096)
+    old = time.time() - age_s
+    os.utime(path, (old, old))
+    return path
+
+
+def test_shm_buffers_of_finished_runs_are_removed_and_mapped_or_young_ones_kept(tmp_path):
+    finished = [_buffer(tmp_path, 40001, rank) for rank in (0, 1)]
+    mapped = _buffer(tmp_path, 40002, 0)
+    young = _buffer(tmp_path, 40003, 0, age_s=0.0)
+    other = tmp_path / "not_deepspeed"
+    other.write_bytes(b"x")
+    # A live rank maps its buffer the way DeepSpeed's shm.cpp does (open, mmap, close the fd).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import mmap, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "m = mmap.mmap(fd, 4096); os.close(fd); print(1, flush=True); time.sleep(60)", str(mapped)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        assert sorted(clear_shm_buffers(root=tmp_path)) == finished
+        assert mapped.exists() and young.exists() and other.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # One run's buffers by its port, whatever their age, once its processes are gone.
+    assert clear_shm_buffers(port=40003, min_age=0.0, root=tmp_path) == [young]
+    assert clear_shm_buffers(root=tmp_path) == [mapped]
+    assert other.exists()
