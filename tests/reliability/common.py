@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slm_cli.data import load_splits
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.engine.launcher import RENDEZVOUS_VARS
-from tests.stages.helpers import FAST, run_slm  # noqa: F401  (run_slm is re-exported for the battery)
+from tests.stages.helpers import FAST, run_cli, run_slm  # noqa: F401  (run_slm is re-exported for the battery)
 
 TINY = ["model=tiny-llama", "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]
 TEACHER = [*TINY, *FAST]
@@ -50,10 +50,7 @@ def cli_env(**extra: str) -> dict:
 
 
 def cli(args, cwd, env=None, timeout=300, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "slm_cli", *args], capture_output=True, text=True, timeout=timeout,
-        env=env or cli_env(), cwd=cwd, preexec_fn=preexec_fn,
-    )
+    return run_cli(args, env=env, cwd=cwd, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def start(args, cwd, env=None) -> subprocess.Popen:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_cli.data import load_splits
 from slm_cli.data.tokenize import collate, encode_dataset
+from slm_cli.engine.launcher import RENDEZVOUS_VARS
 
 # Small, quick settings shared by the stage tests (2-layer models, a few steps).
 FAST = [
@@ -80,3 +83,12 @@ def run_slm(*args: str) -> int:
         return exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
+
+
+def run_cli(args, *, env=None, cwd=None, timeout=600, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`slm <args>` in a fresh process, without the rendezvous variables an in-process run left behind."""
+    env = {k: v for k, v in (env or os.environ).items() if k not in RENDEZVOUS_VARS}
+    return subprocess.run(
+        [sys.executable, "-m", "slm_cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+        preexec_fn=preexec_fn,
+    )

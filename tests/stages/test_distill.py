@@ -1,17 +1,12 @@
 """`slm distill` end to end on tiny models: every mode, the fused loss, on-policy sampling, checks."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_cli.distill.sampler import completion_batch, sample_completions, split_prompts
-from slm_cli.engine.launcher import RENDEZVOUS_VARS
 from slm_cli.engine.ops import SHM_DIR, SHM_PREFIX
-from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss, run_slm
+from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss, run_cli, run_slm
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128"]
 
@@ -117,15 +112,13 @@ def test_mismatched_tokenizer_is_refused(slm, tmp_path, pair):
 def test_zero3_shards_the_teacher_across_two_processes(tmp_path, pair):
     """Under ZeRO-3 each rank holds part of the teacher, and the fused loss matches the ZeRO-2 run."""
     teacher, student = pair
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     runs = {}
     for name, extra in (("zero3", ["launcher=ddp2", "deepspeed=zero3"]), ("zero2", ["launcher=ddp2", "deepspeed=zero2"])):
         out = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "-m", "slm_cli", "distill", *extra, f"teacher.path={teacher}", f"student.path={student}",
+        proc = run_cli(
+            ["distill", *extra, f"teacher.path={teacher}", f"student.path={student}",
              *FAST, "train.max_steps=6", "train.micro_batch_size=8",  # fused loss: the lm_heads are sharded too
              f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs/{name}"],
-            capture_output=True, text=True, timeout=600, env=env,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[name] = out
@@ -143,17 +136,15 @@ def test_zero3_shards_the_teacher_across_two_processes(tmp_path, pair):
 def test_on_policy_under_zero3_matches_zero2_on_two_processes(tmp_path, pair):
     """ZeRO-3 samples through a whole copy refreshed from the sharded student: same text, same losses."""
     teacher, student = pair
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     runs = {}
     shm_before = set(SHM_DIR.glob(f"{SHM_PREFIX}*"))
     for stage in ("zero3", "zero2"):
         out = tmp_path / stage
-        proc = subprocess.run(
-            [sys.executable, "-m", "slm_cli", "distill", "distill=on_policy", "launcher=ddp2", f"deepspeed={stage}",
+        proc = run_cli(
+            ["distill", "distill=on_policy", "launcher=ddp2", f"deepspeed={stage}",
              f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=4", "train.grad_accum=2",
              "train.micro_batch_size=4", "distill.gen_max_new_tokens=6", "distill.fused_loss=false",
              f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs/{stage}"],
-            capture_output=True, text=True, timeout=600, env=env,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[stage] = metrics_rows(out)
@@ -170,11 +161,10 @@ def test_sequence_level_under_zero3_on_two_processes(tmp_path, pair):
     """The sharded teacher writes: both ranks keep decoding in step until the longest completion ends."""
     teacher, student = pair
     out = tmp_path / "seq"
-    proc = subprocess.run(
-        [sys.executable, "-m", "slm_cli", "distill", "distill=sequence_level", "launcher=ddp2", "deepspeed=zero3",
+    proc = run_cli(
+        ["distill", "distill=sequence_level", "launcher=ddp2", "deepspeed=zero3",
          f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=3", "train.micro_batch_size=4",
          "distill.gen_max_new_tokens=8", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
-        capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = metrics_rows(out)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slm_cli.engine.launcher import RENDEZVOUS_VARS
-from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss
+from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss, run_cli
 
 SMALL_MODEL = ["model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]
 
@@ -61,18 +60,12 @@ def test_sweep_writes_separate_artifacts(slm, tmp_path):
     assert lrs == [3e-4, 1e-3]
 
 
-def _cli(args, env=None, timeout=600):
-    """`slm` in a fresh process, without the rendezvous variables an in-process run left behind."""
-    env = {k: v for k, v in (env or os.environ).items() if k not in RENDEZVOUS_VARS}
-    return subprocess.run([sys.executable, "-m", "slm_cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def test_resume_after_kill_matches_uninterrupted(slm, tmp_path):
     common = ["model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=8", "train.save_every=4", "deepspeed=zero2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert slm("teacher", *common, f"output_dir={straight}") == 0
     env = dict(os.environ, SLM_TEST_CRASH_AFTER_STEP="4")
-    proc = _cli(["teacher", *common, f"output_dir={resumed}", f"hydra.run.dir={tmp_path}/logs"], env=env)
+    proc = run_cli(["teacher", *common, f"output_dir={resumed}", f"hydra.run.dir={tmp_path}/logs"], env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed hard right after the step-4 checkpoint
     assert not resumed.exists(), "a killed run must not leave an artifact"
     assert (tmp_path / "resumed.work" / "checkpoints" / "step4").is_dir()
@@ -88,7 +81,7 @@ def test_resume_after_kill_matches_uninterrupted(slm, tmp_path):
 
 def test_two_processes_with_deepspeed_launcher(tmp_path):
     out = tmp_path / "ddp"
-    proc = _cli(
+    proc = run_cli(
         ["teacher", "launcher=ddp2", "deepspeed=zero2", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.micro_batch_size=8",
          f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
         env=dict(os.environ, DS_ACCELERATOR="cpu"),
@@ -102,7 +95,7 @@ def test_two_processes_with_deepspeed_launcher(tmp_path):
 
 
 def test_too_many_processes_is_refused(tmp_path):
-    proc = _cli(["teacher", "launcher.nproc_per_node=64", "model=tiny-llama", f"output_dir={tmp_path}/x", f"hydra.run.dir={tmp_path}/logs"])
+    proc = run_cli(["teacher", "launcher.nproc_per_node=64", "model=tiny-llama", f"output_dir={tmp_path}/x", f"hydra.run.dir={tmp_path}/logs"])
     assert proc.returncode == 2
     assert "launcher.nproc_per_node=64" in proc.stderr and "set launcher.nproc_per_node to at most" in proc.stderr
 
