@@ -126,7 +126,7 @@ def clear_shm_buffers(port: int | None = None, min_age: float = 60.0, root: Path
     if not buffers:
         return []
     in_use, held = _mapped_paths(), _open_files()
-    now, removed = time.time(), []
+    now, removed, freed = time.time(), [], 0
     for buffer in buffers:
         try:
             st = buffer.stat()
@@ -139,9 +139,9 @@ def clear_shm_buffers(port: int | None = None, min_age: float = 60.0, root: Path
         except FileNotFoundError:
             continue
         removed.append(buffer)
+        freed += st.st_size
     if removed:
-        log.info("removed %d DeepSpeed shared-memory buffer(s) of finished runs (%.0f MB)", len(removed),
-                 len(removed) * 69.2)
+        log.info("removed %d DeepSpeed shared-memory buffer(s) of finished runs (%.0f MB)", len(removed), freed / 1e6)
     return removed
 
 
