@@ -21,6 +21,7 @@ from typing import Optional, Union
 PRECISIONS = ("fp32", "bf16")
 OFFLOAD = ("none", "cpu")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("stop", "skip_step")
 ARCHS = ("llama", "qwen3", "qwen2", "mistral")
 STUDENT_INITS = ("config", "pretrained", "teacher_layers")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -144,6 +145,7 @@ class TrainConfig:
     eval_batches: int = 8  # micro-batches of validation data per evaluation
     save_every: int = 0  # DeepSpeed checkpoint every N steps for resume (0 = none)
     log_every: int = 1  # metrics.jsonl row every N steps
+    nonfinite: str = "stop"  # a step whose loss or gradient norm is NaN/inf: stop (error, last good checkpoint kept) | skip_step (no update)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self, where: str) -> list[str]:
@@ -163,6 +165,9 @@ class TrainConfig:
         _problems_if(not 0.0 <= self.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]", out)
         _problems_if(
             self.precision not in PRECISIONS, f"{where}.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}", out
+        )
+        _problems_if(
+            self.nonfinite not in NONFINITE, f"{where}.nonfinite={self.nonfinite!r}: choose one of {', '.join(NONFINITE)}", out
         )
         out += self.lora.problems(f"{where}.lora")
         return out
