@@ -15,6 +15,7 @@ Extra keys (``answer``, ``label``, ids) pass through untouched. Files come as JS
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -99,18 +100,70 @@ def _check_same_shape(records: Iterable[tuple[dict, str]], source: str) -> list[
     return out
 
 
+# Byte-order marks of the encodings JSON Lines is not written in. UTF-32's are tested first:
+# the UTF-32-LE mark begins with UTF-16-LE's.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _refuse_wide_encoding(path: Path, head: bytes) -> None:
+    """UTF-16/32 text is refused with the command that converts it.
+
+    JSON Lines is UTF-8 by definition (jsonlines.org; RFC 8259 for JSON exchanged between
+    systems), and the tools the same file goes to (datasets, TRL, jq) read it as UTF-8, so slm
+    asks for a converted copy rather than guess. Without a byte-order mark, NUL bytes between
+    ASCII characters give UTF-16 away (JSON text itself never holds a raw NUL).
+    """
+    name = next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
+    if name is None and b"\x00" in head:
+        name = "UTF-16"
+    if name is not None:
+        raise DataError(
+            f"{path} is {name} text, but JSON Lines must be UTF-8. Convert it, e.g. "
+            f"`iconv -f {name} -t UTF-8 {path} > {path.with_suffix('.utf8.jsonl')}` (or save it as UTF-8 in your "
+            "editor), and point data.source at the converted file."
+        )
+
+
+def _decode_line(raw: bytes, where: str, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Latin-1 / Windows-1252 exports (Excel, older Windows tools) are by far the usual cause
+        raise DataError(
+            f"{where}: byte 0x{raw[exc.start]:02x} (byte {exc.start + 1} of the line) is not UTF-8, and JSON Lines must be "
+            f"UTF-8. If the file came from Windows or Excel it is likely Windows-1252: convert it with "
+            f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > {path.with_suffix('.utf8.jsonl')}` and point data.source "
+            "at the converted file."
+        ) from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSON Lines file, validated; errors name the file and the 1-based line."""
+    """All records of a JSON Lines file, validated; errors name the file and the 1-based line.
+
+    The file must be UTF-8; a leading UTF-8 byte-order mark (Windows editors write one) is skipped.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path} is a folder, not a .jsonl file. Give a .jsonl file, or a folder holding train.jsonl "
+            "(optionally validation.jsonl and test.jsonl) or a datasets.save_to_disk dataset."
+        )
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
 
     def records():
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path} line {lineno}"
+                if lineno == 1:
+                    _refuse_wide_encoding(path, raw[:64])
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                line = _decode_line(raw, where, path)
                 if not line.strip():
                     continue
-                where = f"{path} line {lineno}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -148,13 +201,24 @@ def read_user_data(path: str | Path) -> dict[str, list[dict]]:
     path = Path(path).expanduser()
     if path.is_file():
         if path.suffix != ".jsonl":
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; give a .jsonl file or a datasets folder.")
+            raise DataError(
+                f"{path}: unsupported file type '{path.suffix}'; give a .jsonl file (one JSON object a line; "
+                'plain text goes in as {"text": str} records) or a datasets folder.'
+            )
         return {"train": read_jsonl(path)}
     if path.is_dir():
         if is_datasets_folder(path):
             return read_datasets_folder(path)
+        if path.suffix == ".jsonl":
+            return {"train": read_jsonl(path)}  # refused there, with the shapes a folder may take
         found = {split: path / name for split, name in JSONL_SPLIT_FILES.items() if (path / name).is_file()}
         if "train" not in found:
+            others = sorted(f.name for f in path.glob("*.jsonl") if f.is_file())
+            if others:
+                raise DataError(
+                    f"{path}: folder holds {', '.join(others)} but no train.jsonl. Give the file itself "
+                    f"(data.source={path / others[0]}), or name the training file train.jsonl."
+                )
             raise DataError(
                 f"{path}: folder holds neither a datasets.save_to_disk dataset nor train.jsonl "
                 "(optionally with validation.jsonl and test.jsonl)."

@@ -131,3 +131,49 @@ def test_too_few_records_to_split_and_unknown_source(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(DataError, match="unsupported file type"):
         read_user_data(tmp_path / "x.json")
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    """Windows editors (Notepad, Excel's "CSV UTF-8") start files with a BOM; it is not part of the data."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(pc(0)) + "\n" + json.dumps(pc(1)) + "\n").encode())
+    assert read_jsonl(path) == [pc(0), pc(1)]
+
+
+def test_non_utf8_bytes_name_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(pc(0)) + "\n").encode() + '{"prompt": "café", "completion": " x"}\n'.encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path} line 2: byte 0xe9 (byte 16 of the line) is not UTF-8" in message
+    assert "iconv -f WINDOWS-1252 -t UTF-8" in message
+
+
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-32", "UTF-32")])
+def test_utf16_and_utf32_files_are_refused_with_the_conversion(tmp_path, encoding, name):
+    """JSON Lines is UTF-8 by definition (jsonlines.org, RFC 8259), and the tools users share files with
+    (datasets, TRL, jq) read it so; slm refuses other encodings and says how to convert."""
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes((json.dumps(pc(0)) + "\n").encode(encoding))
+    with pytest.raises(DataError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert f"{path} is {name} text" in message and f"iconv -f {name} -t UTF-8 {path}" in message
+
+
+def test_a_folder_named_like_a_jsonl_file_and_a_txt_file(tmp_path):
+    folder = tmp_path / "data.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"data\.jsonl is a folder, not a \.jsonl file"):
+        read_user_data(folder)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("plain text")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'.*\{\"text\": str\}"):
+        read_user_data(txt)
+
+
+def test_a_folder_without_train_jsonl_names_the_jsonl_files_it_holds(tmp_path):
+    write_jsonl(tmp_path / "mydata.jsonl", [pc(0)])
+    with pytest.raises(DataError, match=r"holds mydata\.jsonl but no train\.jsonl.*data\.source=.*mydata\.jsonl"):
+        read_user_data(tmp_path)
