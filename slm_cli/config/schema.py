@@ -16,7 +16,9 @@ values into one error before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
+
+from slm_cli.config.validate import Range
 
 PRECISIONS = ("fp32", "bf16")
 OFFLOAD = ("none", "cpu")
@@ -25,6 +27,13 @@ NONFINITE = ("stop", "skip_step")
 ARCHS = ("llama", "qwen3", "qwen2", "mistral")
 STUDENT_INITS = ("config", "pretrained", "teacher_layers")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# Every int and float field declares the values it accepts (see validate.Range); these are the common ones.
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+OptionalPositiveInt = Annotated[Optional[int], Range(ge=1)]
+Seed = Annotated[int, Range(ge=0, le=2**32 - 1)]  # numpy's seed range
 
 
 def _problems_if(cond: bool, msg: str, out: list[str]) -> None:
@@ -38,16 +47,16 @@ class ModelConfig:
 
     name_or_path: Optional[str] = None  # local HF folder or hub id; null = build from `arch` and the sizes below
     arch: Optional[str] = None  # architecture for a model built from config: llama | qwen3 | qwen2 | mistral
-    hidden_size: int = 64  # width of the residual stream (built models)
-    intermediate_size: int = 128  # MLP width (built models)
-    num_hidden_layers: int = 2  # decoder layers (built models)
-    num_attention_heads: int = 4  # query heads (built models)
-    num_key_value_heads: int = 2  # KV heads, GQA when < num_attention_heads (built models)
-    head_dim: Optional[int] = None  # per-head width; null = hidden_size / num_attention_heads
-    max_position_embeddings: int = 1024  # longest sequence the built model supports
+    hidden_size: PositiveInt = 64  # width of the residual stream (built models)
+    intermediate_size: PositiveInt = 128  # MLP width (built models)
+    num_hidden_layers: PositiveInt = 2  # decoder layers (built models)
+    num_attention_heads: PositiveInt = 4  # query heads (built models)
+    num_key_value_heads: PositiveInt = 2  # KV heads, GQA when < num_attention_heads (built models)
+    head_dim: OptionalPositiveInt = None  # per-head width; null = hidden_size / num_attention_heads
+    max_position_embeddings: PositiveInt = 1024  # longest sequence the built model supports
     tie_word_embeddings: bool = True  # share input embedding and lm_head (built models)
     tokenizer: Optional[str] = None  # tokenizer folder; null = the model's own, or one trained on the run's data
-    tokenizer_vocab_size: int = 512  # vocabulary size when a BPE tokenizer is trained on the data
+    tokenizer_vocab_size: Annotated[int, Range(ge=64)] = 512  # vocabulary size when a BPE tokenizer is trained on the data
     dtype: str = "float32"  # dtype the weights are loaded in: float32 | bfloat16 | float16
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
 
@@ -65,8 +74,6 @@ class ModelConfig:
             out,
         )
         _problems_if(self.dtype not in DTYPES, f"{where}.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
         if self.num_key_value_heads >= 1:
             _problems_if(
                 self.num_attention_heads % self.num_key_value_heads != 0,
@@ -81,7 +88,6 @@ class ModelConfig:
                 f"{self.num_attention_heads}; set {where}.head_dim explicitly",
                 out,
             )
-        _problems_if(self.tokenizer_vocab_size < 64, f"{where}.tokenizer_vocab_size must be >= 64", out)
         return out
 
 
@@ -90,20 +96,15 @@ class DataConfig:
     """Training data: a built-in task or corpus name, a .jsonl file, or a datasets folder."""
 
     source: str = "arithmetic"  # built-in name (see `slm`), path/to/data.jsonl, or a datasets.save_to_disk folder
-    train_size: Optional[int] = 2000  # examples generated for built-in tasks (null = all of a user file)
-    val_size: Optional[int] = 200  # validation examples for built-in tasks
-    test_size: Optional[int] = 200  # held-out test examples for built-in tasks
-    val_fraction: float = 0.05  # share of a user file kept for validation
-    max_seq_len: int = 128  # longer examples are truncated (and counted); ones left with no target are dropped
+    train_size: OptionalPositiveInt = 2000  # examples generated for built-in tasks (null = all of a user file)
+    val_size: OptionalPositiveInt = 200  # validation examples for built-in tasks
+    test_size: OptionalPositiveInt = 200  # held-out test examples for built-in tasks
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.05  # share of a user file kept for validation
+    max_seq_len: Annotated[int, Range(ge=8)] = 128  # longer examples are truncated (and counted); ones left with no target are dropped
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
         _problems_if(not self.source, f"{where}.source is empty: name a built-in task or a data file", out)
-        _problems_if(not 0.0 <= self.val_fraction < 1.0, f"{where}.val_fraction={self.val_fraction} must be in [0, 1)", out)
-        _problems_if(self.max_seq_len < 8, f"{where}.max_seq_len={self.max_seq_len} must be >= 8", out)
-        for name in ("train_size", "val_size", "test_size"):
-            v = getattr(self, name)
-            _problems_if(v is not None and v < 1, f"{where}.{name}={v} must be >= 1 or null", out)
         return out
 
 
@@ -112,16 +113,14 @@ class LoraConfig:
     """Low-rank adapters through PEFT instead of full fine-tuning."""
 
     enabled: bool = False  # train LoRA adapters instead of all weights
-    r: int = 8  # adapter rank
-    alpha: int = 16  # scaling numerator (scale = alpha / r)
-    dropout: float = 0.0  # dropout on the adapter input
+    r: PositiveInt = 8  # adapter rank
+    alpha: PositiveInt = 16  # scaling numerator (scale = alpha / r)
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0  # dropout on the adapter input
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
     merge: bool = True  # merge adapters into the base weights in the saved artifact (else save base + adapter)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        _problems_if(self.r < 1, f"{where}.r={self.r} must be >= 1", out)
-        _problems_if(not 0.0 <= self.dropout < 1.0, f"{where}.dropout={self.dropout} must be in [0, 1)", out)
         _problems_if(self.enabled and not self.target_modules, f"{where}.target_modules is empty", out)
         return out
 
@@ -130,39 +129,31 @@ class LoraConfig:
 class TrainConfig:
     """The optimisation loop shared by teacher, student and distill."""
 
-    max_steps: int = 100  # optimizer steps
-    micro_batch_size: int = 8  # sequences per forward pass per process
-    grad_accum: int = 1  # micro-batches accumulated per optimizer step
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 5  # linear warm-up steps
+    max_steps: PositiveInt = 100  # optimizer steps
+    micro_batch_size: PositiveInt = 8  # sequences per forward pass per process
+    grad_accum: PositiveInt = 1  # micro-batches accumulated per optimizer step
+    lr: Annotated[float, Range(gt=0)] = 1e-3  # peak learning rate
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0  # AdamW weight decay
+    warmup_steps: NonNegativeInt = 5  # linear warm-up steps
     lr_schedule: str = "cosine"  # after warm-up: cosine | linear | constant
-    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
-    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1  # final lr as a fraction of the peak (cosine, linear)
+    max_grad_norm: Annotated[float, Range(ge=0, note="0 = no clipping")] = 1.0  # gradient clipping (0 = off)
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast through DeepSpeed)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    eval_every: int = 50  # validation loss every N steps (0 = only at the end)
-    eval_batches: int = 8  # micro-batches of validation data per evaluation
-    save_every: int = 0  # DeepSpeed checkpoint every N steps for resume (0 = none)
-    log_every: int = 1  # metrics.jsonl row every N steps
+    eval_every: Annotated[int, Range(ge=0, note="0 = only at the end")] = 50  # validation loss every N steps (0 = only at the end)
+    eval_batches: PositiveInt = 8  # micro-batches of validation data per evaluation
+    save_every: Annotated[int, Range(ge=0, note="0 = no checkpoints")] = 0  # DeepSpeed checkpoint every N steps for resume (0 = none)
+    log_every: PositiveInt = 1  # metrics.jsonl row every N steps
     nonfinite: str = "stop"  # a step whose loss or gradient norm is NaN/inf: stop (error, last good checkpoint kept) | skip_step (no update)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            _problems_if(getattr(self, name) < 0, f"{where}.{name}={getattr(self, name)} must be >= 0", out)
-        _problems_if(self.lr <= 0, f"{where}.lr={self.lr} must be > 0", out)
-        _problems_if(self.weight_decay < 0, f"{where}.weight_decay={self.weight_decay} must be >= 0", out)
-        _problems_if(self.max_grad_norm < 0, f"{where}.max_grad_norm={self.max_grad_norm} must be >= 0", out)
         _problems_if(
             self.lr_schedule not in LR_SCHEDULES,
             f"{where}.lr_schedule={self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}",
             out,
         )
-        _problems_if(not 0.0 <= self.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]", out)
         _problems_if(
             self.precision not in PRECISIONS, f"{where}.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}", out
         )
@@ -177,14 +168,13 @@ class TrainConfig:
 class DeepSpeedConfig:
     """How DeepSpeed shards and offloads training state."""
 
-    zero_stage: int = 0  # ZeRO stage 0-3 (0 = plain data parallel)
+    zero_stage: Annotated[int, Range(ge=0, le=3)] = 0  # ZeRO stage 0-3 (0 = plain data parallel)
     offload_optimizer: str = "none"  # none | cpu: keep optimizer state in CPU memory (ZeRO >= 1, DeepSpeedCPUAdam)
     offload_param: str = "none"  # none | cpu: keep parameters in CPU memory (ZeRO-3 only)
     config_file: Optional[str] = None  # your own DeepSpeed JSON; slm fills only the keys it leaves unset
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        _problems_if(self.zero_stage not in (0, 1, 2, 3), f"{where}.zero_stage={self.zero_stage} must be 0, 1, 2 or 3", out)
         for name in ("offload_optimizer", "offload_param"):
             v = getattr(self, name)
             _problems_if(v not in OFFLOAD, f"{where}.{name}={v!r}: choose none or cpu", out)
@@ -205,13 +195,12 @@ class DeepSpeedConfig:
 class LauncherConfig:
     """How many processes run the stage."""
 
-    nproc_per_node: int = 1  # processes on this machine; > 1 re-executes the command under the `deepspeed` launcher
+    nproc_per_node: PositiveInt = 1  # processes on this machine; > 1 re-executes the command under the `deepspeed` launcher
     hostfile: Optional[str] = None  # DeepSpeed hostfile for multi-node runs
-    master_port: Optional[int] = None  # rendezvous port (null = a free one)
+    master_port: Annotated[Optional[int], Range(ge=1, le=65535)] = None  # rendezvous port (null = a free one)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        _problems_if(self.nproc_per_node < 1, f"{where}.nproc_per_node={self.nproc_per_node} must be >= 1", out)
         return out
 
 
@@ -235,7 +224,7 @@ class StudentInit:
     """How the student's weights start."""
 
     init: str = "config"  # config: fresh model from `model=` | pretrained: model.name_or_path | teacher_layers: copy layers
-    layers: Optional[list[int]] = None  # teacher layer indices kept for init=teacher_layers, e.g. [0, 2]
+    layers: Optional[list[Annotated[int, Range(ge=0)]]] = None  # teacher layer indices kept for init=teacher_layers, e.g. [0, 2]
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -255,7 +244,7 @@ class TrainStageConfig:
     """Fields every training stage has."""
 
     stage: str = "teacher"  # which stage this config drives (set by the stage's YAML)
-    seed: int = 0  # makes data order, init and sampling repeatable
+    seed: Seed = 0  # makes data order, init and sampling repeatable
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: bool = False  # replace an existing output_dir
     resume: Union[bool, str] = "auto"  # auto: continue an unfinished run of this config if one exists | true: must | false: start afresh
@@ -319,17 +308,17 @@ class DistillSettings:
     """What the student learns from the teacher, and on whose text."""
 
     mode: str = "supervised"  # supervised: dataset completions | on_policy: student samples | sequence_level: teacher samples | mixed
-    lambda_on_policy: float = 0.5  # mode=mixed: probability a micro-batch is on-policy, else supervised (GKD's lambda)
+    lambda_on_policy: Annotated[float, Range(ge=0, le=1)] = 0.5  # mode=mixed: probability a micro-batch is on-policy, else supervised (GKD's lambda)
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | generalized_jsd | tvd | skew_forward_kl | skew_reverse_kl
-    beta: Optional[float] = None  # generalized_jsd beta (0 = forward KL, 1 = reverse KL) or skew alpha; null = default
-    kd_temperature: float = 1.0  # softens both distributions in the KD term (loss scaled by T^2); never used for sampling
-    kd_weight: float = 0.9  # loss = (1 - kd_weight) * CE(labels) + kd_weight * KD on dataset / teacher text; on-policy text is pure KD
-    gen_temperature: float = 0.9  # sampling temperature when the student (on_policy) or teacher (sequence_level) writes
-    gen_max_new_tokens: int = 32  # longest sampled completion
-    gen_top_p: float = 1.0  # nucleus sampling threshold (1 = off)
-    gen_top_k: int = 0  # top-k sampling (0 = off)
+    beta: Annotated[Optional[float], Range(ge=0, le=1)] = None  # generalized_jsd beta (0 = forward KL, 1 = reverse KL) or skew alpha; null = default
+    kd_temperature: Annotated[float, Range(gt=0)] = 1.0  # softens both distributions in the KD term (loss scaled by T^2); never used for sampling
+    kd_weight: Annotated[float, Range(ge=0, le=1)] = 0.9  # loss = (1 - kd_weight) * CE(labels) + kd_weight * KD on dataset / teacher text; on-policy text is pure KD
+    gen_temperature: Annotated[float, Range(ge=0, note="0 = greedy")] = 0.9  # sampling temperature when the student (on_policy) or teacher (sequence_level) writes
+    gen_max_new_tokens: PositiveInt = 32  # longest sampled completion
+    gen_top_p: Annotated[float, Range(gt=0, le=1, note="1 = off")] = 1.0  # nucleus sampling threshold (1 = off)
+    gen_top_k: Annotated[int, Range(ge=0, note="0 = off")] = 0  # top-k sampling (0 = off)
     fused_loss: bool = True  # chunked fused-linear loss: the tokens x vocab logits never exist at once
-    chunk_size: int = 256  # tokens per chunk of the fused loss (peak extra memory ~4 x chunk x vocab floats)
+    chunk_size: PositiveInt = 256  # tokens per chunk of the fused loss (peak extra memory ~4 x chunk x vocab floats)
     compile: bool = False  # torch.compile the fused loss's per-chunk math
 
     def problems(self, where: str) -> list[str]:
@@ -340,15 +329,6 @@ class DistillSettings:
             f"{where}.divergence={self.divergence!r}: choose one of {', '.join(DIVERGENCE_NAMES)}",
             out,
         )
-        _problems_if(self.beta is not None and not 0.0 <= self.beta <= 1.0, f"{where}.beta={self.beta} must be in [0, 1]", out)
-        _problems_if(not 0.0 <= self.lambda_on_policy <= 1.0, f"{where}.lambda_on_policy must be in [0, 1]", out)
-        _problems_if(self.kd_temperature <= 0, f"{where}.kd_temperature={self.kd_temperature} must be > 0", out)
-        _problems_if(not 0.0 <= self.kd_weight <= 1.0, f"{where}.kd_weight={self.kd_weight} must be in [0, 1]", out)
-        _problems_if(self.gen_temperature < 0, f"{where}.gen_temperature={self.gen_temperature} must be >= 0 (0 = greedy)", out)
-        _problems_if(self.gen_max_new_tokens < 1, f"{where}.gen_max_new_tokens must be >= 1", out)
-        _problems_if(not 0.0 < self.gen_top_p <= 1.0, f"{where}.gen_top_p={self.gen_top_p} must be in (0, 1]", out)
-        _problems_if(self.gen_top_k < 0, f"{where}.gen_top_k must be >= 0", out)
-        _problems_if(self.chunk_size < 1, f"{where}.chunk_size must be >= 1", out)
         return out
 
 
@@ -357,14 +337,13 @@ class DistillTeacher(TeacherRef):
     """The teacher of `slm distill`, and whether its logits are computed online or read from a cache."""
 
     logits: str = "online"  # online: run the teacher each step | precompute: read a top-k cache written once
-    logits_top_k: int = 64  # precompute: teacher log-probs kept per position (the rest of the mass kept as one bucket)
+    logits_top_k: PositiveInt = 64  # precompute: teacher log-probs kept per position (the rest of the mass kept as one bucket)
 
     def problems(self, where: str) -> list[str]:
         out = super().problems(where)
         _problems_if(
             self.logits not in TEACHER_LOGITS, f"{where}.logits={self.logits!r}: choose online or precompute", out
         )
-        _problems_if(self.logits_top_k < 1, f"{where}.logits_top_k must be >= 1", out)
         return out
 
 
@@ -410,7 +389,7 @@ class QuantConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # Linear layers kept in float: names or 're:' regexes
     save_dtype: str = "bfloat16"  # dtype of every tensor that stays unquantized (embeddings, norms, ignored layers)
     fake_quant_eval: bool = False  # judge quality through an in-memory fake-quantized model instead of reloading the checkpoint
-    error_rows: int = 10  # layers with the largest weight error shown in the terminal (all go to quantization.json)
+    error_rows: NonNegativeInt = 10  # layers with the largest weight error shown in the terminal (all go to quantization.json)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -422,7 +401,6 @@ class QuantConfig:
             f"{where}.save_dtype={self.save_dtype!r}: choose bfloat16 or float16 (fp32 leftovers bloat the checkpoint)",
             out,
         )
-        _problems_if(self.error_rows < 0, f"{where}.error_rows={self.error_rows} must be >= 0", out)
         return out
 
 
@@ -431,15 +409,13 @@ class QuantCalibrationConfig:
     """Calibration text for static activation scales (fp8_static only): N sequences of L tokens."""
 
     source: str = "shakespeare"  # data source; its validation split is used (a corpus' calibration split)
-    samples: int = 32  # N: sequences fed through the model
-    seq_len: int = 512  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
-    batch_size: int = 4  # sequences per forward pass
+    samples: PositiveInt = 32  # N: sequences fed through the model
+    seq_len: PositiveInt = 512  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
+    batch_size: PositiveInt = 4  # sequences per forward pass
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
         _problems_if(not self.source, f"{where}.source is empty: name a corpus, task or data file", out)
-        for name in ("samples", "seq_len", "batch_size"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
         return out
 
 
@@ -448,21 +424,18 @@ class QuantEvalConfig:
     """Perplexity of the source and of the FP8 checkpoint on the same held-out text."""
 
     source: Optional[str] = "shakespeare"  # data source whose test split is scored; null = skip the perplexity check
-    max_tokens: int = 4096  # score the first N tokens of the test split
-    window: int = 512  # tokens the model sees at once (sliding window)
-    stride: int = 256  # tokens the window advances; each token is scored once with >= window - stride of context
-    batch_size: int = 4  # windows per forward pass
+    max_tokens: Annotated[int, Range(ge=2)] = 4096  # score the first N tokens of the test split
+    window: Annotated[int, Range(ge=2)] = 512  # tokens the model sees at once (sliding window)
+    stride: PositiveInt = 256  # tokens the window advances; each token is scored once with >= window - stride of context
+    batch_size: PositiveInt = 4  # windows per forward pass
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        _problems_if(self.max_tokens < 2, f"{where}.max_tokens={self.max_tokens} must be >= 2", out)
-        _problems_if(self.window < 2, f"{where}.window={self.window} must be >= 2", out)
         _problems_if(
-            not 1 <= self.stride < self.window,
+            self.stride >= self.window,
             f"{where}.stride={self.stride} must be in [1, window - 1] (window={self.window})",
             out,
         )
-        _problems_if(self.batch_size < 1, f"{where}.batch_size={self.batch_size} must be >= 1", out)
         return out
 
 
@@ -473,7 +446,7 @@ class QuantizeStageConfig:
     stage: str = "quantize"  # which stage this config drives (set by the stage's YAML)
     model_path: str = "???"  # the artifact (or any HF causal-LM folder) to quantize
     dtype: str = "float32"  # dtype the source is loaded and evaluated in; scales are computed from these weights
-    seed: int = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
+    seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: bool = False  # replace an existing output_dir
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
@@ -512,14 +485,12 @@ class BenchScoring:
     """Scoring mode of `slm bench`: many arithmetic_yesno items after one shared prefix, without and with its KV cache."""
 
     enabled: bool = True  # measure items/s without and with prefix KV-cache reuse (needs the artifact's tokenizer)
-    prefix_examples: int = 32  # solved train examples forming the shared prefix (its length in tokens is reported)
-    items: int = 32  # candidate items scored after the prefix, each by log P(" Yes")
-    batch_size: int = 8  # items per forward pass
+    prefix_examples: PositiveInt = 32  # solved train examples forming the shared prefix (its length in tokens is reported)
+    items: PositiveInt = 32  # candidate items scored after the prefix, each by log P(" Yes")
+    batch_size: PositiveInt = 8  # items per forward pass
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        for name in ("prefix_examples", "items", "batch_size"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
         return out
 
 
@@ -527,28 +498,20 @@ class BenchScoring:
 class BenchSettings:
     """What `slm bench` times: prefill latency and decode throughput at these sizes, with repeats."""
 
-    warmup: int = 1  # untimed runs before each measurement (allocations, kernel choice)
-    repeats: int = 5  # timed runs per measurement; the median and spread (IQR, min/max) are reported
-    prefill_batch_sizes: list[int] = field(default_factory=lambda: [1])  # prompts per prefill pass
-    prefill_seq_lens: list[int] = field(default_factory=lambda: [128, 512])  # prompt lengths (tokens) for prefill latency
-    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])  # sequences decoded together
-    decode_prompt_len: int = 64  # prompt tokens before decoding
-    decode_new_tokens: int = 32  # greedy tokens decoded per sequence (timed without the prefill)
-    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    warmup: NonNegativeInt = 1  # untimed runs before each measurement (allocations, kernel choice)
+    repeats: PositiveInt = 5  # timed runs per measurement; the median and spread (IQR, min/max) are reported
+    prefill_batch_sizes: list[PositiveInt] = field(default_factory=lambda: [1])  # prompts per prefill pass
+    prefill_seq_lens: list[PositiveInt] = field(default_factory=lambda: [128, 512])  # prompt lengths (tokens) for prefill latency
+    decode_batch_sizes: list[PositiveInt] = field(default_factory=lambda: [1, 4, 16])  # sequences decoded together
+    decode_prompt_len: PositiveInt = 64  # prompt tokens before decoding
+    decode_new_tokens: PositiveInt = 32  # greedy tokens decoded per sequence (timed without the prefill)
+    threads: OptionalPositiveInt = None  # torch CPU threads; null = torch's default
     isolate: bool = True  # measure each artifact in its own process, so peak memory is that model's alone
     write_to_artifact: bool = False  # also merge the results into <artifact>/slm.json under metrics.bench
     scoring: BenchScoring = field(default_factory=BenchScoring)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        _problems_if(self.warmup < 0, f"{where}.warmup={self.warmup} must be >= 0", out)
-        _problems_if(self.repeats < 1, f"{where}.repeats={self.repeats} must be >= 1", out)
-        for name in ("prefill_batch_sizes", "prefill_seq_lens", "decode_batch_sizes"):
-            values = getattr(self, name)
-            _problems_if(any(v < 1 for v in values), f"{where}.{name}={values}: every entry must be >= 1", out)
-        _problems_if(self.decode_prompt_len < 1, f"{where}.decode_prompt_len={self.decode_prompt_len} must be >= 1", out)
-        _problems_if(self.decode_new_tokens < 1, f"{where}.decode_new_tokens={self.decode_new_tokens} must be >= 1", out)
-        _problems_if(self.threads is not None and self.threads < 1, f"{where}.threads={self.threads} must be >= 1 or null", out)
         out += self.scoring.problems(f"{where}.scoring")
         return out
 
@@ -559,7 +522,7 @@ class BenchStageConfig:
 
     stage: str = "bench"  # which stage this config drives
     artifacts: Union[list[str], str] = field(default_factory=list)  # model folders to measure: artifacts=[runs/a/teacher,runs/a/student]
-    seed: int = 0  # fixes the random prompts and the scoring workload
+    seed: Seed = 0  # fixes the random prompts and the scoring workload
     device: Optional[str] = None  # cpu | cuda; null = cuda when present, else cpu
     trust_remote_code: bool = False  # run model code shipped with a checkpoint (only if you trust its source)
     output_dir: str = "outputs/bench/results"  # bench.json is written here
@@ -610,18 +573,18 @@ class PruneSettings:
     """
 
     method: str = "osscar"  # osscar | activation | wanda_sp | magnitude: how kept neurons/heads are chosen (osscar also refits)
-    keep_ffn: Optional[Union[int, float]] = None  # fraction of MLP neurons kept per layer, in (0, 1], e.g. 0.5; null = see keep_ffn_count / target_params, else all
-    keep_ffn_count: Optional[int] = None  # MLP neurons kept per layer, a count (instead of keep_ffn)
-    target_params: Optional[Union[int, float]] = None  # total parameters wanted (e.g. 1e8): picks the largest keep_ffn_count that fits, after heads and layers
-    keep_kv_heads: Optional[int] = None  # KV heads kept per layer, with their query heads; null = all
-    keep_q_per_kv: Optional[int] = None  # query heads kept per kept KV head (GQA group); null = all
-    drop_layers: int = 0  # whole decoder layers removed (the least useful by depth_method)
+    keep_ffn: Annotated[Optional[Union[int, float]], Range(gt=0, le=1, note="a fraction: keep 0 would remove the MLP; for a number of neurons use prune.keep_ffn_count")] = None  # fraction of MLP neurons kept per layer, in (0, 1], e.g. 0.5; null = see keep_ffn_count / target_params, else all
+    keep_ffn_count: OptionalPositiveInt = None  # MLP neurons kept per layer, a count (instead of keep_ffn)
+    target_params: Annotated[Optional[Union[int, float]], Range(ge=1, note="a number of parameters, e.g. 1e8")] = None  # total parameters wanted (e.g. 1e8): picks the largest keep_ffn_count that fits, after heads and layers
+    keep_kv_heads: Annotated[Optional[int], Range(ge=1, note="null = keep all")] = None  # KV heads kept per layer, with their query heads; null = all
+    keep_q_per_kv: Annotated[Optional[int], Range(ge=1, note="null = keep all")] = None  # query heads kept per kept KV head (GQA group); null = all
+    drop_layers: NonNegativeInt = 0  # whole decoder layers removed (the least useful by depth_method)
     depth_method: str = "block_influence"  # how layers are scored for drop_layers: block_influence (ShortGPT)
-    round_to: int = 1  # kept MLP width rounded to a multiple of this (e.g. 64 for GPU kernels)
-    ridge: float = 0.01  # osscar: damping of the calibration Gram matrix, H + ridge * mean(diag H) * I
-    local_search_iters: int = 16  # osscar: at most this many improving swaps per layer after the greedy (0 = greedy only)
-    swap_candidates: int = 32  # osscar: pruned groups tried per swap
-    greedy_steps: int = 64  # osscar: removal steps of the greedy phase (more = closer to one-at-a-time)
+    round_to: PositiveInt = 1  # kept MLP width rounded to a multiple of this (e.g. 64 for GPU kernels)
+    ridge: Annotated[float, Range(ge=0)] = 0.01  # osscar: damping of the calibration Gram matrix, H + ridge * mean(diag H) * I
+    local_search_iters: Annotated[int, Range(ge=0, note="0 = greedy only")] = 16  # osscar: at most this many improving swaps per layer after the greedy (0 = greedy only)
+    swap_candidates: PositiveInt = 32  # osscar: pruned groups tried per swap
+    greedy_steps: PositiveInt = 64  # osscar: removal steps of the greedy phase (more = closer to one-at-a-time)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -639,21 +602,9 @@ class PruneSettings:
                 f"write {where}.keep_ffn={float(self.keep_ffn)} for a fraction, or {where}.keep_ffn_count={self.keep_ffn} "
                 "for a number of neurons"
             )
-        elif self.keep_ffn is not None:
-            _problems_if(
-                not 0.0 < self.keep_ffn <= 1.0,
-                f"{where}.keep_ffn={self.keep_ffn} must be a fraction in (0, 1] (keep 0 would remove the MLP); "
-                f"for a number of neurons use {where}.keep_ffn_count",
-                out,
-            )
-        _problems_if(
-            self.keep_ffn_count is not None and self.keep_ffn_count < 1,
-            f"{where}.keep_ffn_count={self.keep_ffn_count} must be >= 1",
-            out,
-        )
         if self.target_params is not None:
             _problems_if(
-                self.target_params < 1 or float(self.target_params) != int(self.target_params),
+                float(self.target_params) != int(self.target_params),
                 f"{where}.target_params={self.target_params} must be a whole number of parameters >= 1, e.g. 1e8",
                 out,
             )
@@ -663,20 +614,11 @@ class PruneSettings:
             f"{where}: set only one of {', '.join(given)} (each fixes the MLP width); null the others",
             out,
         )
-        for name in ("keep_kv_heads", "keep_q_per_kv"):
-            v = getattr(self, name)
-            _problems_if(v is not None and v < 1, f"{where}.{name}={v} must be >= 1 (or null to keep all)", out)
-        _problems_if(self.drop_layers < 0, f"{where}.drop_layers={self.drop_layers} must be >= 0", out)
-        _problems_if(self.round_to < 1, f"{where}.round_to={self.round_to} must be >= 1", out)
         _problems_if(
             self.keep_ffn_count is not None and self.round_to > 1 and self.keep_ffn_count % self.round_to != 0,
             f"{where}.keep_ffn_count={self.keep_ffn_count} is not a multiple of {where}.round_to={self.round_to}",
             out,
         )
-        _problems_if(self.ridge < 0, f"{where}.ridge={self.ridge} must be >= 0", out)
-        _problems_if(self.local_search_iters < 0, f"{where}.local_search_iters={self.local_search_iters} must be >= 0", out)
-        for name in ("swap_candidates", "greedy_steps"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
         return out
 
 
@@ -685,15 +627,13 @@ class PruneCalibrationConfig:
     """Calibration text for `slm prune`: the first samples*seq_len tokens of a source's validation split."""
 
     source: str = "shakespeare"  # data source; its validation split is used (a corpus' calibration split)
-    samples: int = 64  # N: sequences
-    seq_len: int = 256  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
-    batch_size: int = 8  # sequences per forward pass
+    samples: PositiveInt = 64  # N: sequences
+    seq_len: PositiveInt = 256  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
+    batch_size: PositiveInt = 8  # sequences per forward pass
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
         _problems_if(not self.source, f"{where}.source is empty: name a corpus, task or data file", out)
-        for name in ("samples", "seq_len", "batch_size"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
         return out
 
 
@@ -709,11 +649,11 @@ class PruneStageConfig:
     stage: str = "prune"  # which stage this config drives (set by the stage's YAML)
     model_path: str = "???"  # the artifact (or any HF causal-LM folder, or smollm2-135m-instruct) to prune
     dtype: str = "float32"  # dtype the source is loaded, pruned and saved in (statistics are accumulated in float32)
-    seed: int = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
+    seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: bool = False  # replace an existing output_dir
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
-    threads: Optional[int] = None  # torch CPU threads; null = torch's default
+    threads: OptionalPositiveInt = None  # torch CPU threads; null = torch's default
     prune: PruneSettings = field(default_factory=PruneSettings)
     calibration: PruneCalibrationConfig = field(default_factory=PruneCalibrationConfig)
     eval: PruneEvalConfig = field(default_factory=PruneEvalConfig)
@@ -723,7 +663,6 @@ class PruneStageConfig:
         _problems_if(not self.output_dir, "output_dir is empty", out)
         _problems_if(not self.model_path, "model_path is empty: give the artifact folder to prune", out)
         _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
-        _problems_if(self.threads is not None and self.threads < 1, f"threads={self.threads} must be >= 1 or null", out)
         out += self.prune.problems("prune") + self.calibration.problems("calibration") + self.eval.problems("eval")
         return out
 
@@ -750,15 +689,15 @@ class EvalSettings:
 
     metric: str = "auto"  # auto: perplexity for text, exact_match for a generative task, auc for a predictive one | perplexity | exact_match | auc
     split: str = "test"  # split scored: test | validation (a corpus' validation split is its calibration text)
-    batch_size: int = 8  # sequences per forward pass or generate call
+    batch_size: PositiveInt = 8  # sequences per forward pass or generate call
     dtype: Optional[str] = None  # weights dtype for evaluation: float32 | bfloat16 | float16; null = model.dtype (float32 for artifact=)
-    max_new_tokens: int = 64  # exact_match: generation budget per example (greedy, KV cache)
-    few_shot: int = 0  # exact_match: solved train examples put before each prompt (built-in tasks; 0 = zero-shot)
+    max_new_tokens: PositiveInt = 64  # exact_match: generation budget per example (greedy, KV cache)
+    few_shot: NonNegativeInt = 0  # exact_match: solved train examples put before each prompt (built-in tasks; 0 = zero-shot)
     stop: list[str] = field(default_factory=lambda: ["\n\n"])  # exact_match: generation also stops at these strings
     chat: bool = False  # exact_match: send each prompt (with its shots) as a user turn of the chat template (instruct models)
-    window: int = 512  # perplexity: tokens per forward pass (the context limit)
-    stride: int = 256  # perplexity: new tokens scored per window (< window); each has >= window - stride tokens of context
-    max_tokens: Optional[int] = None  # perplexity: score the first N tokens of the text only (null = all)
+    window: Annotated[int, Range(ge=2)] = 512  # perplexity: tokens per forward pass (the context limit)
+    stride: PositiveInt = 256  # perplexity: new tokens scored per window (< window); each has >= window - stride tokens of context
+    max_tokens: Annotated[Optional[int], Range(ge=2)] = None  # perplexity: score the first N tokens of the text only (null = all)
     write_to_artifact: bool = False  # also merge the metrics into <artifact>/slm.json under metrics.eval
 
     def problems(self, where: str) -> list[str]:
@@ -770,18 +709,11 @@ class EvalSettings:
             f"{where}.dtype={self.dtype!r}: choose one of {', '.join(DTYPES)} or null",
             out,
         )
-        for name in ("batch_size", "max_new_tokens"):
-            _problems_if(getattr(self, name) < 1, f"{where}.{name}={getattr(self, name)} must be >= 1", out)
-        _problems_if(self.few_shot < 0, f"{where}.few_shot={self.few_shot} must be >= 0", out)
-        _problems_if(self.window < 2, f"{where}.window={self.window} must be >= 2", out)
         _problems_if(
-            not 1 <= self.stride < self.window,
+            self.stride >= self.window,
             f"{where}.stride={self.stride} must be in [1, window - 1] (window={self.window}): each window keeps at least "
             f"one token of context before the tokens it scores; e.g. {where}.stride={max(1, self.window // 2)}",
             out,
-        )
-        _problems_if(
-            self.max_tokens is not None and self.max_tokens < 2, f"{where}.max_tokens={self.max_tokens} must be >= 2 or null", out
         )
         _problems_if(any(not s for s in self.stop), f"{where}.stop has an empty string (it would stop at once)", out)
         return out
@@ -792,7 +724,7 @@ class EvalStageConfig:
     """`slm eval`: perplexity, exact match or AUC of a model on a task, corpus or file."""
 
     stage: str = "eval"  # which stage this config drives
-    seed: int = 0  # fixes generated task examples and the few-shot examples
+    seed: Seed = 0  # fixes generated task examples and the few-shot examples
     artifact: Optional[str] = None  # folder to evaluate (an slm artifact or any HF folder); or choose model=
     output_dir: str = "outputs/eval/results"  # eval.json and predictions.jsonl are written here
     overwrite: bool = False  # replace an existing output_dir

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from slm_cli.config import ConfigError, validate
-from slm_cli.config.schema import StudentStageConfig, TeacherStageConfig
+from slm_cli.config.schema import DistillStageConfig, PruneStageConfig, StudentStageConfig, TeacherStageConfig
 
 
 def test_defaults_validate():
@@ -29,7 +29,7 @@ def test_every_problem_is_listed_with_its_key():
     assert "unknown key 'train.lrr'; did you mean train.lr?" in msg
     assert "train.lr='fast' has the wrong type: expected float" in msg
     assert "train.max_steps=0 must be >= 1" in msg
-    assert "deepspeed.zero_stage=5 must be 0, 1, 2 or 3" in msg
+    assert "deepspeed.zero_stage=5 must be in [0, 3]" in msg
     assert "num_attention_heads=3 must be a multiple of num_key_value_heads=2" in msg
     assert "offload_param=cpu needs zero_stage=3" in msg
     assert len(info.value.problems) >= 6
@@ -119,3 +119,40 @@ def test_a_union_with_a_mapping_arm_names_both_arms():
     with pytest.raises(ConfigError, match=r"weights=\[1, 2\] has the wrong type: expected int or mapping of float"):
         validate({"weights": [1, 2]}, Weights)
     assert validate({"weights": {"a": 1}}, Weights).weights == {"a": 1.0}
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "values,schema,expected",
+    [
+        ({"train": {"lr": NAN}}, TeacherStageConfig, "train.lr=nan is not a finite number; it must be > 0"),
+        ({"train": {"lr": INF}}, TeacherStageConfig, "train.lr=inf is not a finite number; it must be > 0"),
+        ({"train": {"max_grad_norm": NAN}}, TeacherStageConfig, "train.max_grad_norm=nan is not a finite number; it must be >= 0"),
+        ({"train": {"max_steps": NAN}}, TeacherStageConfig, "train.max_steps=nan is not a finite number; it must be >= 1"),
+        ({"distill": {"kd_temperature": NAN}, "teacher": {"path": "t"}}, DistillStageConfig,
+         "distill.kd_temperature=nan is not a finite number; it must be > 0"),
+        ({"prune": {"target_params": NAN}, "model_path": "m"}, PruneStageConfig,
+         "prune.target_params=nan is not a finite number; it must be >= 1 or null"),
+        ({"prune": {"target_params": INF}, "model_path": "m"}, PruneStageConfig,
+         "prune.target_params=inf is not a finite number; it must be >= 1 or null"),
+        ({"prune": {"keep_ffn": -INF}, "model_path": "m"}, PruneStageConfig,
+         "prune.keep_ffn=-inf is not a finite number; it must be in (0, 1] or null"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_non_finite_numbers_are_one_clear_problem_each(values, schema, expected):
+    """NaN passed every `x <= bound` check (nan <= 0 is False), and target_params=nan crashed in int(nan)."""
+    values = {"model": {"arch": "llama"}, **values} if schema is not PruneStageConfig else values
+    with pytest.raises(ConfigError) as info:
+        validate(values, schema)
+    assert expected in info.value.problems[0], info.value.problems
+    assert len(info.value.problems) == 1
+
+
+def test_a_range_failure_does_not_cascade_into_cross_field_checks():
+    """A value out of range is reported once; the checks that involve it see the default instead."""
+    with pytest.raises(ConfigError) as info:
+        validate({"model_path": "m", "eval": {"window": NAN}}, PruneStageConfig)
+    assert info.value.problems == ["eval.window=nan is not a finite number; it must be >= 2"]
