@@ -75,11 +75,24 @@ def _expand_recipe(stage: str, args: list[str]) -> list[str]:
     if name is None:
         return out
     path = RECIPE_DIR / stage / f"{name}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in (RECIPE_DIR / stage).glob("*.yaml"))
+    have = sorted(p.stem for p in (RECIPE_DIR / stage).glob("*.yaml"))
+    if name not in have:  # a name, never a path: `recipe=../../x` must not reach a YAML outside recipes/
         print(f"slm: no recipe {path}. Recipes for `slm {stage}`: {', '.join(have) or 'none'}.", file=sys.stderr)
         sys.exit(2)
     return ["--config-dir", str(path.parent), "--config-name", name, *out]
+
+
+def _check_command_line(stage: str, args: list[str]) -> None:
+    """Misspelt keys and group options and invalid values end here with exit 2, before Hydra makes a run folder."""
+    from slm_cli.config import STAGE_SCHEMAS, ConfigError
+    from slm_cli.config.precheck import check_command_line
+
+    try:
+        check_command_line(stage, args, STAGE_SCHEMAS[stage])
+    except ConfigError as exc:
+        from slm_cli.runner import fail
+
+        fail(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     rest = _expand_recipe(stage, rest)
+    _check_command_line(stage, rest)
     # Hydra reads sys.argv itself; give it exactly the stage's part of the line.
     sys.argv = [f"slm-{stage}", *rest]
     importlib.import_module(module).main()
