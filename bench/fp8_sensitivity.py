@@ -22,7 +22,7 @@ from slm_cli import models
 from slm_cli.evaluate.perplexity import perplexity
 from slm_cli.pretrained import resolve_model_path
 from slm_cli.quant.report import fake_quant_model
-from slm_cli.stages.quantize import split_text
+from slm_cli.data.text import split_text
 
 
 def main() -> None:

@@ -141,10 +141,26 @@ def encode_example(example: dict, tokenizer, max_seq_len: int) -> EncodedExample
     return encoded if encoded.num_targets else None
 
 
-def encode_dataset(examples: list[dict], tokenizer, max_seq_len: int) -> tuple[list[EncodedExample], EncodeStats]:
-    """Encode every record; count truncated and dropped ones. Raises DataError if none survives."""
+# How to give a split more examples, by split: shown when one is empty or smaller than a batch.
+_MORE_DATA = {
+    "train": "raise data.train_size (built-in tasks), or add records to the file",
+    "validation": "set data.val_size >= 1 (built-in tasks), data.val_fraction > 0 (a file without a validation "
+    "split), or add records to validation.jsonl",
+}
+
+
+def encode_dataset(
+    examples: list[dict], tokenizer, max_seq_len: int, split: str = "train"
+) -> tuple[list[EncodedExample], EncodeStats]:
+    """Encode every record; count truncated and dropped ones. Raises DataError if none survives.
+
+    `split` names the records in errors ("train", "validation").
+    """
     if max_seq_len < 1:
         raise DataError(f"data.max_seq_len={max_seq_len} must be >= 1.")
+    more = _MORE_DATA.get(split, "add records")
+    if not examples:
+        raise DataError(f"the {split} split is empty, and the training stages need examples in it: {more}.")
     stats, encoded = EncodeStats(), []
     for example in examples:
         stats.total += 1
@@ -156,10 +172,21 @@ def encode_dataset(examples: list[dict], tokenizer, max_seq_len: int) -> tuple[l
         encoded.append(item)
     if not encoded:
         raise DataError(
-            f"all {stats.total} examples were dropped: none has a completion token within "
+            f"all {stats.total} examples were dropped from the {split} split: none has a completion token within "
             f"data.max_seq_len={max_seq_len}; raise data.max_seq_len or shorten the prompts."
         )
     return encoded, stats
+
+
+def check_batch_fits(train_examples: int, micro_batch_size: int, processes: int = 1) -> None:
+    """Refuse, before any model is built, a training set smaller than one step's micro-batches."""
+    if train_examples < micro_batch_size * processes:
+        most = max(1, train_examples // processes)
+        raise DataError(
+            f"the training set has {train_examples} example(s) after encoding, fewer than one batch "
+            f"(train.micro_batch_size={micro_batch_size} x {processes} process(es)). Add data ({_MORE_DATA['train']}) "
+            f"or lower train.micro_batch_size to {most} or less."
+        )
 
 
 def prompt_ids(example: dict, tokenizer) -> list[int]:

@@ -63,7 +63,7 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     from slm_cli.data.corpus import write_atomic
     from slm_cli.errors import SlmError
     from slm_cli.evaluate import speed
-    from slm_cli.pretrained import resolve_model_path
+    from slm_cli.models import check_model_folder
 
     # --- setup -------------------------------------------------------------------------------
     ui.console.print(ui.resolved_config_panel(resolved))
@@ -71,10 +71,7 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     names = [cfg.artifacts] if isinstance(cfg.artifacts, str) else list(cfg.artifacts)  # one folder from a pipeline input
     folders = []
     for i, name in enumerate(names):
-        path = Path(resolve_model_path(name))
-        if not (path / "config.json").is_file():
-            raise SlmError(f"artifacts[{i}]={name}: no model folder there (no config.json). Give an artifact folder.")
-        artifacts.check_readable(path, f"artifacts[{i}]")
+        path = Path(check_model_folder(name, f"artifacts[{i}]", tokenizer=False))  # config, weights, written by a newer slm
         folders.append(path)
     meta = {p: artifacts.read_metadata(p, missing_ok=True) for p in folders}
     if b.write_to_artifact:

@@ -27,7 +27,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
 
     from slm_cli import artifacts, models, ui
     from slm_cli.data import load_splits
-    from slm_cli.data.tokenize import collate, encode_dataset
+    from slm_cli.data.tokenize import check_batch_fits, collate, encode_dataset
     from slm_cli.distill.losses import check_vocab
     from slm_cli.distill.objective import KDObjective, make_prepare
     from slm_cli.distill.sampler import GenerationCopy
@@ -43,6 +43,9 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     loop.seed_everything(cfg.seed)
     if dist.is_main():
         ui.console.print(ui.resolved_config_panel(resolved))
+    for field, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
+        if path:  # before any data is read, so a bad folder or hub id fails in seconds
+            models.check_model_folder(path, field, quantized_ok=False)
     splits = load_splits(
         cfg.data.source,
         train_size=cfg.data.train_size,
@@ -72,7 +75,8 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     if cfg.train.lora.enabled:
         model = models.apply_lora(model, cfg.train.lora)
     train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
-    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len)
+    check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
+    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     # ZeRO-3 shards the student; it samples through a whole copy taken before partitioning
     student_copy = None

@@ -57,6 +57,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     )
     metric = choose_metric(data, cfg.eval.metric)
     if cfg.artifact is not None:
+        models.check_model_folder(cfg.artifact, "artifact")  # config, weights and tokenizer, before anything loads
         _refuse_checkpoint_code(cfg.artifact)
         name, dtype, trust = cfg.artifact, cfg.eval.dtype or "float32", False
         tokenizer_name = cfg.artifact
@@ -71,7 +72,8 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
             ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
         model = models.load_model(path, dtype, trust, field=field).eval()
         try:
-            tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust)
+            tokenizer_field = "model.tokenizer" if cfg.model.tokenizer and not cfg.artifact else field
+            tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust, field=tokenizer_field)
         except OSError as exc:
             raise SlmError(
                 f"no tokenizer could be loaded from {tokenizer_name} ({exc}); "

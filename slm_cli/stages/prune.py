@@ -29,31 +29,6 @@ def main(cfg) -> None:
     run_stage(cfg, PruneStageConfig, run)
 
 
-def split_text(source: str, split: str, seed: int) -> str:
-    """The records of one split of a data source, as one text (blocks joined by blank lines)."""
-    from slm_cli.data import load_splits
-    from slm_cli.models import example_texts
-
-    splits = load_splits(source, train_size=1, val_size=None, test_size=None, seed=seed)
-    return "\n\n".join(example_texts(splits[split]))
-
-
-def calibration_rows(text: str, tokenizer, samples: int, seq_len: int):
-    """The first samples*seq_len tokens of `text` as a (rows, seq_len) tensor of input ids."""
-    import torch
-
-    from slm_cli.errors import SlmError
-
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    rows = min(samples, len(ids) // seq_len)
-    if rows < 1:
-        raise SlmError(
-            f"the calibration text has {len(ids)} tokens, fewer than calibration.seq_len={seq_len}; "
-            "lower calibration.seq_len or choose a larger calibration.source"
-        )
-    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
-
-
 def make_plan(settings, config):
     """The library's PrunePlan for these settings on a model with `config`, and a note on what
     target_params chose (None otherwise). Raises SlmError listing every impossible target."""
@@ -129,9 +104,9 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from slm_cli import artifacts, models, ui
+    from slm_cli.data.text import calibration_rows, split_text
     from slm_cli.errors import SlmError
     from slm_cli.evaluate.perplexity import perplexity
-    from slm_cli.pretrained import resolve_model_path
     from slm_cli.prune import count_params_after, prune_model
 
     # --- setup -------------------------------------------------------------------------------
@@ -140,18 +115,19 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     ui.console.print(ui.resolved_config_panel(resolved))
-    tokenizer = models.load_tokenizer(cfg.model_path, cfg.trust_remote_code, field="model_path")  # checks the folder
-    source = Path(resolve_model_path(cfg.model_path))
+    source = Path(models.check_model_folder(cfg.model_path, "model_path", quantized_ok=False))
+    tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     plan, note = make_plan(cfg.prune, config)
     if note:
         ui.console.print(f"[bold]{note}[/bold]", highlight=False)
     predicted = count_params_after(config, plan)
-    model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     calib = calibration_rows(
-        split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer, cfg.calibration.samples, cfg.calibration.seq_len
+        split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer, cfg.calibration.samples,
+        cfg.calibration.seq_len, source=cfg.calibration.source,
     )
     batches = list(calib.split(cfg.calibration.batch_size))
+    model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
 
     def score(m) -> dict:

@@ -32,31 +32,6 @@ def main(cfg) -> None:
     run_stage(cfg, QuantizeStageConfig, run)
 
 
-def split_text(source: str, split: str, seed: int) -> str:
-    """The records of one split of a data source, as one text (blocks joined by blank lines)."""
-    from slm_cli.data import load_splits
-    from slm_cli.models import example_texts
-
-    splits = load_splits(source, train_size=1, val_size=None, test_size=None, seed=seed)
-    return "\n\n".join(example_texts(splits[split]))
-
-
-def calibration_rows(text: str, tokenizer, samples: int, seq_len: int):
-    """The first samples*seq_len tokens of `text` as a (rows, seq_len) tensor of input ids."""
-    import torch
-
-    from slm_cli.errors import SlmError
-
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    rows = min(samples, len(ids) // seq_len)
-    if rows < 1:
-        raise SlmError(
-            f"the calibration text has {len(ids)} tokens, fewer than calibration.seq_len={seq_len}; "
-            "lower calibration.seq_len or choose a larger calibration.source"
-        )
-    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
-
-
 def layer_groups(rows: list[dict]) -> list[dict]:
     """Linear layers grouped by name with the layer index replaced by `*` (one row per kind of layer)."""
     groups: dict[tuple, dict] = {}
@@ -85,8 +60,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     import torch
 
     from slm_cli import artifacts, models, ui
+    from slm_cli.data.text import calibration_rows, split_text
     from slm_cli.evaluate.perplexity import perplexity
-    from slm_cli.pretrained import resolve_model_path
     from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
     from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
     from slm_cli.quant.report import checkpoint_size_report, fake_quant_model, weight_error_report
@@ -96,7 +71,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ui.console.print(ui.resolved_config_panel(resolved))
-    source = Path(resolve_model_path(cfg.model_path))  # a built-in name or .gguf file: its converted folder
+    source = Path(models.check_model_folder(cfg.model_path, "model_path", quantized_ok=False))  # built-ins converted
     tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
     model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     # a request that cannot succeed (ignore typo, block shapes) fails before any slow work
@@ -107,7 +82,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     if cfg.quant.scheme == "fp8_static":
         rows = calibration_rows(
             split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer,
-            cfg.calibration.samples, cfg.calibration.seq_len,
+            cfg.calibration.samples, cfg.calibration.seq_len, source=cfg.calibration.source,
         )
         calib = list(rows.split(cfg.calibration.batch_size))
     eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None

@@ -24,7 +24,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
 
     from slm_cli import artifacts, models, ui
     from slm_cli.data import load_splits
-    from slm_cli.data.tokenize import collate, encode_dataset
+    from slm_cli.data.tokenize import check_batch_fits, collate, encode_dataset
     from slm_cli.engine import distributed as dist
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
@@ -37,6 +37,8 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     loop.seed_everything(cfg.seed)
     if dist.is_main():
         ui.console.print(ui.resolved_config_panel(resolved))
+    if cfg.model.name_or_path:  # before any data is read, so a bad folder or hub id fails in seconds
+        models.check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
     splits = load_splits(
         cfg.data.source,
         train_size=cfg.data.train_size,
@@ -53,7 +55,8 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     if cfg.train.lora.enabled:
         model = models.apply_lora(model, cfg.train.lora)
     train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
-    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len)
+    check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
+    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     if dist.is_main():

@@ -8,6 +8,7 @@ from slm_cli.data.errors import DataError
 from slm_cli.data.tokenize import (
     IGNORE_INDEX,
     EncodedExample,
+    check_batch_fits,
     collate,
     collate_prompts,
     encode_dataset,
@@ -150,3 +151,14 @@ def test_tokenizer_round_trip_and_determinism(tmp_path, tok):
     assert tok.convert_ids_to_tokens(tok("<|im_start|>")["input_ids"]) == ["<|im_start|>"]
     with pytest.raises(DataError, match="vocab_size=100"):
         train_bpe_tokenizer(CORPUS, vocab_size=100)
+
+
+def test_an_empty_split_is_named_with_the_setting_that_fills_it(tok):
+    with pytest.raises(DataError, match=r"the validation split is empty.*data\.val_size >= 1"):
+        encode_dataset([], tok, max_seq_len=64, split="validation")
+
+
+def test_fewer_examples_than_one_batch_names_the_batch_size():
+    check_batch_fits(16, 16, 1)
+    with pytest.raises(DataError, match=r"has 5 example\(s\).*train\.micro_batch_size=4 x 2 process\(es\).*to 2 or less"):
+        check_batch_fits(5, 4, 2)
