@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,14 +111,91 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
             key = o.split("=", 1)[0].lstrip("+~")
             if key in ("output_dir", "hydra.run.dir", *spec.inputs):
                 problems.append(f"{where} ({spec.name}): override {o!r} is set by the pipeline; remove it")
-            elif key.startswith("hydra.callbacks"):
-                # Hydra instantiates callbacks' _target_: a recipe must not be a way to run arbitrary code.
-                problems.append(f"{where} ({spec.name}): override {o!r} is refused: recipes may not add Hydra callbacks")
+            elif spec.stage in known_stages:
+                refusal = override_refusal(spec.stage, o)
+                if refusal:
+                    problems.append(f"{where} ({spec.name}, slm {spec.stage}): override {o!r} is refused: {refusal}")
         seen.add(spec.name)
         stages.append(spec)
     if problems:
         raise SlmError(f"{len(problems)} problem(s) in recipe {path}:\n  - " + "\n  - ".join(problems))
     return Recipe(path=path, output_root=str(data.get("output_root") or f"runs/{path.stem}"), stages=stages, inputs=user_inputs)
+
+
+# hydra.* keys a recipe may set: nothing that names code (callbacks, launchers, sweepers, logging
+# factories) or other config files (searchpath). Anything else under hydra is refused.
+RECIPE_HYDRA_KEYS = ("hydra.verbose",)
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def override_refusal(stage: str, override: str) -> str | None:
+    """Why a recipe's override for `slm <stage>` is refused, or None when it is allowed.
+
+    A recipe is a file someone else may have written, so its overrides pass an allow-list, not a
+    block-list: a key of the stage's schema (a field, or a field of one of its groups), a shipped
+    option of a config group, or one of RECIPE_HYDRA_KEYS. A block-list missed
+    `++hydra={callbacks: ...}` and `--config-dir`, through which Hydra instantiates any `_target_`.
+    """
+    from slm_cli.config.schema import STAGE_SCHEMAS
+    from slm_cli.paths import CONFIG_DIR, RECIPE_DIR
+
+    if override.startswith("-"):
+        return ("command-line flags (--config-dir, --config-name, -m, --cfg, ...) are not allowed in a recipe: "
+                "they read other config files or change what runs; give key=value overrides only")
+    key, sep, value = override.lstrip("+~").partition("=")
+    if not sep and not override.startswith("~"):
+        return "not a key=value override"
+    if key in RECIPE_HYDRA_KEYS:
+        return None
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        return (f"recipes may not add Hydra callbacks or set other hydra.* keys (they can run code or read other "
+                f"config files); a recipe may set `slm {stage}` config keys and {', '.join(RECIPE_HYDRA_KEYS)}")
+    if not _KEY.fullmatch(key):
+        return f"{key!r} is not a config key (a recipe may not use package (@) or group-path (/) overrides)"
+    if key.rsplit(".", 1)[-1] == "trust_remote_code" and value.strip().lower() not in ("false", "null", ""):
+        return (f"a recipe may not turn on {key} (it runs code shipped with a checkpoint); if you trust its source, "
+                f"run that stage yourself: slm {stage} ... {key}=true")
+    if key == "recipe":
+        presets = {f.stem for f in (RECIPE_DIR / stage).glob("*.yaml")}
+        return None if value in presets else f"recipe={value}: no such preset for slm {stage} (have: {', '.join(sorted(presets)) or 'none'})"
+    schema = STAGE_SCHEMAS.get(stage)
+    if schema is not None and not _schema_has(schema, key.split(".")):
+        return f"{key} is not a key of the `slm {stage}` config (see slm {stage} --cfg job)"
+    group = CONFIG_DIR / key
+    if group.is_dir() and sep and not override.startswith("~"):
+        # a group option names a YAML file, which may hold `# @package _global_` and a hydra section:
+        # only the shipped ones, by plain name (Hydra resolves `model=../../x` outside configs/)
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if not _OPTION.fullmatch(value) or ".." in value or value not in options:
+            return f"{key}={value}: not a shipped option of group {key} (options: {', '.join(options)})"
+    return None
+
+
+def _schema_has(schema: type, parts: list[str]) -> bool:
+    import dataclasses
+    import typing
+
+    tp: object = schema
+    for i, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else set()
+        if part not in fields:
+            return False
+        tp = _unwrap(typing.get_type_hints(tp)[part])
+        if typing.get_origin(tp) is dict:
+            return len(parts) - i - 1 <= 1  # a mapping's entries are free-form names, one level deep
+    return True
+
+
+def _unwrap(tp: object) -> object:
+    """The dataclass or mapping inside Optional[...] (Annotated is already stripped by get_type_hints)."""
+    import dataclasses
+    import typing
+
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a) or typing.get_origin(a) is dict]
+        return inner[0] if inner else tp
+    return tp
 
 
 def run_key(spec: StageSpec, input_hashes: dict[str, str]) -> str:
