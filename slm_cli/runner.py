@@ -74,6 +74,12 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
     try:
         values = resolved_dict(cfg)
         typed = validate(values, schema, source=f"config of `slm {values.get('stage', '?')}`")
+        if getattr(typed, "resume", False) is not False and not is_worker():
+            from slm_cli.engine.checkpoint import find_interrupted_run
+
+            previous = find_interrupted_run(values)  # the default output_dir is new each run: find the old one
+            if previous is not None:
+                typed.output_dir = values["output_dir"] = str(previous)
         output_dir = getattr(typed, "output_dir", None)
         if output_dir and Path(output_dir).exists() and not typed.overwrite and not is_worker():
             raise SlmError(

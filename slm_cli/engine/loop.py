@@ -27,14 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slm_cli.engine import checkpoint
 from slm_cli.engine import distributed as dist
 from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config
 from slm_cli.errors import SlmError
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
-RESUME_MARKER = "slm_resume.json"  # beside DeepSpeed's checkpoints: which config and step they belong to
 # Test-only fault injection: SIGKILL this process right after the checkpoint of step N is saved.
 CRASH_ENV = "SLM_TEST_CRASH_AFTER_STEP"
+# Test-only: after step N is logged, wait for SIGTERM/SIGINT, so a signal test interrupts training
+# at a known point however fast the steps run (a tiny model can finish before the signal arrives).
+PAUSE_ENV = "SLM_TEST_PAUSE_AFTER_STEP"
 
 
 def sft_loss(engine, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -227,28 +230,26 @@ def train(
     batches = MicroBatches(train_set, tcfg.micro_batch_size, seed, collate)
     world, ga = dist.world_size(), tcfg.grad_accum
     start_step = 0
-    marker = ckpt_dir / RESUME_MARKER
-    has_ckpt = (ckpt_dir / "latest").is_file() and marker.is_file()
-    if resume is True and not has_ckpt:
-        raise SlmError(f"resume=true but there is no checkpoint in {ckpt_dir}; run with resume=false to start afresh.")
-    # Checked before loading anything: a checkpoint of another config may not even fit this model.
-    if has_ckpt and resume == "auto" and json.loads(marker.read_text()).get("config_hash") != config_hash:
-        raise SlmError(
-            f"{ckpt_dir} holds an unfinished run with a different config. Pass resume=false to start afresh "
-            "(its checkpoints are replaced), resume=true to continue it anyway, or choose another output_dir."
-        )
-    if has_ckpt and resume in (True, "auto"):
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start_step = int(client["step"])
-        _set_rng_state(client["rng"])
+    # Checked and loaded by `checkpoint`: only checkpoints signed by this user's slm, newest good one first.
+    resumed = None
+    if resume in (True, "auto"):
+        resumed = checkpoint.load_newest(engine, ckpt_dir, config_hash=config_hash, resume=resume)
+    elif dist.is_main():
+        checkpoint.clear(ckpt_dir)
+    dist.barrier()
+    if resumed is not None:
+        start_step = resumed.step
+        _set_rng_state(resumed.client_state["rng"])
         if dist.is_main():
             _drop_rows_after(metrics_path, start_step)
             from slm_cli.ui import console
 
-            console.print(f"[yellow]resuming[/yellow] from {ckpt_dir} at step {start_step}")
+            console.print(f"[yellow]resuming[/yellow] from {ckpt_dir / resumed.tag} at step {start_step}")
     elif dist.is_main():
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
+    # What the part before a resume contributed to the whole-run metrics (first loss, tokens, seconds).
+    carried = checkpoint.carried_totals(resumed.client_state if resumed else None)
 
     history: list[dict] = []
     interrupted = {"signal": None}
@@ -259,7 +260,9 @@ def train(
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     engine.train()
     task = progress.add_task(description, total=tcfg.max_steps, completed=start_step, loss="-", lr="-", tps="-") if progress else None
-    t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    # t_start is moved back by the seconds trained before a resume, so elapsed times count the whole run.
+    t_start = time.perf_counter() - carried.get("train_seconds", 0.0)
+    tokens_seen, last = int(carried.get("tokens", 0)), {}
     val_loss = float("nan")
     try:
         for step in range(start_step, tcfg.max_steps):
@@ -307,19 +310,21 @@ def train(
                     f.write(json.dumps(last) + "\n")
             if task is not None:
                 progress.update(task, advance=1, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{last['tokens_per_s']:,.0f}")
+            if os.environ.get(PAUSE_ENV) == str(step + 1):
+                _wait_for_signal(interrupted)
             want_ckpt = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.max_steps
             if want_ckpt or interrupted["signal"] is not None:
-                _save_checkpoint(engine, ckpt_dir, step + 1)
-                if dist.is_main():
-                    marker.write_text(json.dumps({"step": step + 1, "config_hash": config_hash}))
+                totals = {
+                    "first_train_loss": carried.get("first_train_loss", history[0]["loss"]),
+                    "tokens": tokens_seen,
+                    "train_seconds": time.perf_counter() - t_start,
+                }
+                checkpoint.save(engine, ckpt_dir, step + 1, config_hash=config_hash,
+                                client_state={"step": step + 1, "rng": _rng_state(), "run_totals": totals})
                 if os.environ.get(CRASH_ENV) == str(step + 1):
                     os.kill(os.getpid(), signal.SIGKILL)
             if interrupted["signal"] is not None:
-                raise SlmError(
-                    f"stopped by {signal.Signals(interrupted['signal']).name} after step {step + 1} of {tcfg.max_steps}; "
-                    f"checkpoint saved in {ckpt_dir}. Run the same command again to continue from it "
-                    "(resume=auto, the default, or resume=true)."
-                )
+                raise SlmError(_stopped_message(interrupted["signal"], step + 1, tcfg.max_steps, ckpt_dir, work_dir))
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -335,7 +340,7 @@ def train(
     metrics = {
         "steps": tcfg.max_steps,
         "train_loss": last.get("loss", float("nan")),
-        "first_train_loss": history[0]["loss"] if history else float("nan"),
+        "first_train_loss": carried.get("first_train_loss", history[0]["loss"] if history else float("nan")),
         "val_loss": val_loss,
         "val_ce": val_ce,
         "tokens": tokens_seen,
@@ -366,20 +371,24 @@ def _row_step(line: str) -> float:
         return math.inf
 
 
-def _save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
-    """DeepSpeed checkpoint `step<N>` with the step and RNG state that resuming needs.
+def _wait_for_signal(interrupted: dict, limit_s: float = 600.0) -> None:
+    deadline = time.monotonic() + limit_s  # never hang a test run for good
+    while interrupted["signal"] is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # a signal cuts the sleep short; the handler has set the flag by then
 
-    DeepSpeed moves its `latest` pointer only after a checkpoint is fully written, so a failed
-    save (a full disk) leaves the previous checkpoint as the one a rerun resumes from.
+
+def _stopped_message(signum: int, step: int, max_steps: int, ckpt_dir: Path, work_dir: Path) -> str:
+    """What a run stopped by a signal says: where its checkpoint is and the exact command that continues it.
+
+    The command pins output_dir: the default one is a new timestamped folder for each run.
     """
-    try:
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "rng": _rng_state()})
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        raise SlmError(
-            f"could not save the checkpoint of step {step} in {ckpt_dir} ({exc}). Is the disk full (df -h) or a "
-            "file-size limit set (ulimit -f)? Free space and run the same command again; it resumes from the last "
-            "complete checkpoint, if any."
-        ) from exc
+    output_dir = Path(work_dir).with_name(Path(work_dir).name.removesuffix(".work"))
+    command = checkpoint.rerun_command(output_dir)
+    how = f": {command}" if command else f" with output_dir={output_dir.resolve()}"
+    return (
+        f"stopped by {signal.Signals(signum).name} after step {step} of {max_steps}; checkpoint saved in {ckpt_dir}. "
+        f"Run the same command again to continue from it{how}"
+    )
 
 
 def _reduce_float(v: float) -> float:
