@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from slm_cli import __version__
+from slm_cli import __version__, faults
 from slm_cli.errors import SlmError
 
 METADATA_FILE = "slm.json"
@@ -38,10 +38,119 @@ def staging_dir(output_dir: str | Path) -> Path:
     return work_dir(output_dir) / "staging"
 
 
-def begin(output_dir: str | Path, overwrite: bool) -> Path:
-    """Check the output is free and return an empty staging folder to write the artifact into."""
+# Inputs of a run, by the name of their config field (the last part of a dotted key): these
+# hold paths an output must never be, contain or lie inside. Fields under `inputs.` (a recipe's
+# artifacts) count too.
+INPUT_FIELDS = {"name_or_path", "tokenizer", "path", "model_path", "artifact", "artifacts", "source", "config_file", "hostfile"}
+# Files that make a folder slm's own output: slm.json of a model artifact, or the result file of
+# eval / bench / report, which carries an `slm_output` stamp (see `output_stamp`).
+RESULT_FILES = ("eval.json", "bench.json", "report.json")
+PIPELINE_ENV = "SLM_PIPELINE_STAGE"  # set by `slm run` for each stage it runs: {"root": ..., "name": ...}
+
+
+def output_stamp(stage: str) -> dict:
+    """What slm records in every folder it writes, so a later run can tell its own output from a user's."""
+    stamp = {"stage": stage, "slm_version": __version__}
+    tag = os.environ.get(PIPELINE_ENV)
+    if tag:
+        stamp["pipeline"] = json.loads(tag)
+    return stamp
+
+
+def owner_of(folder: str | Path) -> dict | None:
+    """The stamp slm left in `folder` (stage, and the pipeline stage that wrote it), or None if slm did not write it."""
+    folder = Path(folder)
+    meta = _read_json(folder / METADATA_FILE)
+    if meta is not None:
+        return {"stage": meta.get("stage"), "slm_version": meta.get("slm_version"), "pipeline": meta.get("pipeline")}
+    for name in RESULT_FILES:
+        data = _read_json(folder / name)
+        if data is not None and isinstance(data.get("slm_output"), dict):
+            return data["slm_output"]
+    return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_inputs(values: dict, prefix: str = "") -> dict[str, str]:
+    """Every input path a resolved config names: {dotted field: path}, for the fields in INPUT_FIELDS."""
+    found: dict[str, str] = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found.update(run_inputs(value, f"{full}."))
+        elif key in INPUT_FIELDS or prefix == "inputs.":
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, str) and item:
+                    found[full if len(items) == 1 else f"{full}[{i}]"] = item
+    return found
+
+
+def check_output(output_dir: str | Path, overwrite: bool | str, inputs: dict[str, str]) -> None:
+    """Refuse an output that would destroy anything the user did not ask slm to replace.
+
+    The output (symlinks resolved) may never be, contain or lie inside an input of the run: the
+    model it reads, its data, its DeepSpeed JSON. An existing output is replaced only with
+    `overwrite=true`, and then only if slm wrote it (`owner_of`) or it is empty; any other folder
+    or file needs `overwrite=force`, which says "I know this is not slm's".
+    """
     out = Path(output_dir)
-    if out.exists() and not overwrite:
+    real = Path(os.path.realpath(out))
+    for field, value in inputs.items():
+        if not os.path.lexists(value):
+            continue  # a hub id or a built-in name, not a path
+        src = Path(os.path.realpath(value))
+        if real == src:
+            why = "is the input"
+        elif src.is_relative_to(real):
+            why = "contains the input"
+        elif real.is_relative_to(src):
+            why = "lies inside the input"
+        else:
+            continue
+        raise SlmError(
+            f"output_dir={out} {why} {field}={value}: writing the output there would replace or change what "
+            "this run reads. Choose an output_dir outside every input."
+        )
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise SlmError(f"output_dir {out} already exists. Choose another output_dir=..., or pass overwrite=true to replace it.")
+    if overwrite == "force":
+        return
+    if out.is_dir() and not out.is_symlink() and (owner_of(out) is not None or not any(out.iterdir())):
+        return
+    raise SlmError(
+        f"output_dir {out} exists and was not written by slm (no {METADATA_FILE} or slm result file in it), so "
+        "overwrite=true does not replace it. Choose another output_dir, or pass overwrite=force if you really "
+        f"want {out} deleted and replaced."
+    )
+
+
+def finished_by_earlier_run(output_dir: str | Path, fingerprint: str) -> bool:
+    """True when a run of this very config published `output_dir` and was stopped before it cleaned up.
+
+    Publishing renames the artifact into place first and only then deletes `<output_dir>.work`; a
+    kill in between leaves both. Running the same command again then has nothing left to compute.
+    """
+    out = Path(output_dir)
+    meta = _read_json(out / METADATA_FILE)
+    if meta is None or not work_dir(out).exists():
+        return False
+    return config_fingerprint(meta.get("config") or {}) == fingerprint
+
+
+def begin(output_dir: str | Path, overwrite: bool | str) -> Path:
+    """Return an empty staging folder to write the artifact into (the output was checked by `check_output`)."""
+    out = Path(output_dir)
+    if os.path.lexists(out) and not overwrite:
         raise SlmError(f"output_dir {out} already exists. Choose another output_dir=..., or pass overwrite=true.")
     stage = staging_dir(out)
     if stage.exists():
@@ -50,21 +159,98 @@ def begin(output_dir: str | Path, overwrite: bool) -> Path:
     return stage
 
 
-def commit(staging: Path, output_dir: str | Path, overwrite: bool, keep_work: bool = False) -> Path:
-    """Atomically publish `staging` as `output_dir` (replacing the old one only when `overwrite`)."""
+def check_finite(folder: str | Path) -> None:
+    """Refuse to publish weights holding NaN or inf: no later stage or server can use them."""
+    from safetensors import safe_open
+
+    bad: list[str] = []
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(t.float().isfinite().all()):
+                    bad.append(name)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise SlmError(
+            f"the model this run produced has NaN or inf weights ({shown}), so it was not published. The run "
+            "diverged or its input already held non-finite weights: lower train.lr, set train.max_grad_norm, "
+            "or check the source model."
+        )
+
+
+def commit(staging: Path, output_dir: str | Path, overwrite: bool | str, keep_work: bool = False) -> Path:
+    """Publish `staging` as `output_dir` in one atomic step, replacing the old one only when `overwrite`.
+
+    The weights are checked for NaN/inf first. An existing output is swapped with the new one by
+    one `renameat2(RENAME_EXCHANGE)`, so at every instant `output_dir` is either the whole old
+    artifact or the whole new one; the old one, now at the staging path, is deleted afterwards. A
+    kill at any point leaves at most leftovers inside `<output_dir>.work`, which the next run clears.
+    """
     out = Path(output_dir)
-    old = None
-    if out.exists():
+    try:
+        check_finite(staging)
+    except SlmError:
+        shutil.rmtree(staging, ignore_errors=True)  # a broken model is not kept where a later run could take it
+        _remove_if_empty(work_dir(out))  # checkpoints, if any, stay for a resume
+        raise
+    if os.path.lexists(out):
         if not overwrite:
             raise SlmError(f"output_dir {out} appeared while this run was working; the new artifact is kept in {staging}.")
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        faults.point("publish:before-swap")
+        _exchange(staging, out)
+        faults.point("publish:after-swap")
+        shutil.rmtree(staging, ignore_errors=True)  # the old artifact
+    else:
+        faults.point("publish:before-swap")
+        os.replace(staging, out)
+    faults.point("publish:after-rename")
     if not keep_work:
         shutil.rmtree(work_dir(out), ignore_errors=True)
     return out
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE).
+
+    Where the kernel or file system cannot (another OS, some network file systems), fall back to
+    two renames with the old artifact parked in `<output_dir>.work/replaced`: a kill between them
+    leaves no output_dir for an instant, and `restore_replaced` puts the old one back on the next run.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+        err = ctypes.get_errno() if rc != 0 else 0
+    except (AttributeError, OSError):
+        rc, err = -1, 38  # ENOSYS: no renameat2 in this libc
+    if rc == 0:
+        return
+    if err not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here; anything else is a real failure
+        raise OSError(err, os.strerror(err), str(b))
+    parked = work_dir(b) / "replaced"
+    shutil.rmtree(parked, ignore_errors=True)
+    os.replace(b, parked)
+    os.replace(a, b)
+    os.replace(parked, a)
+
+
+def restore_replaced(output_dir: str | Path) -> bool:
+    """Put back an artifact parked by a publish that was killed between its two renames (see `_exchange`)."""
+    out = Path(output_dir)
+    parked = work_dir(out) / "replaced"
+    if os.path.lexists(out) or not parked.is_dir():
+        return False
+    os.replace(parked, out)
+    return True
 
 
 def lock_path(output_dir: str | Path) -> Path:
@@ -72,49 +258,63 @@ def lock_path(output_dir: str | Path) -> Path:
     return out.with_name(out.name + ".lock")
 
 
-def acquire_lock(output_dir: str | Path) -> Path:
-    """Claim `output_dir` for this process; a second run aimed at it is refused while this one lives.
+class OutputLock:
+    """Exclusive claim on `output_dir` for this run's life: an `fcntl.flock` on `<output_dir>.lock`.
 
-    The lock is a sibling file holding the owner's host and pid, created with O_EXCL. A lock
-    whose process is gone (a crashed or killed run) is stale and taken over.
+    The kernel drops the lock when its owner exits, however it exits, so a dead run's lock is free
+    at once and there is no takeover to race. The file holds the owner's host and pid only to name
+    it in the refusal. A run that locked a file another run just unlinked would hold a lock on a
+    name no one can see; checking that the path still names the locked file closes that gap.
     """
-    path = lock_path(output_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{platform.node()} {os.getpid()}"
-    for _ in range(2):
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir, self.path, self.fd = output_dir, lock_path(output_dir), None
+
+    def acquire(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 256).decode(errors="replace").strip()
+                os.close(fd)
+                who = f"{owner.partition(' ')[0]} pid {owner.partition(' ')[2]}" if owner else "its pid not yet written"
+                raise SlmError(
+                    f"another slm run ({who}) is writing output_dir {self.output_dir} (lock {self.path}). "
+                    "Wait for it to finish or choose another output_dir."
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was unlinked by its previous owner between our open and our lock: retry
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{platform.node()} {os.getpid()}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            host, _, pid = path.read_text().strip().partition(" ")
-            if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)  # stale: its owner is gone
-                continue
-            raise SlmError(
-                f"another slm run ({host} pid {pid}) is writing output_dir {output_dir} (lock {path}). "
-                "Wait for it to finish or choose another output_dir; delete the lock file only if that run is gone."
-            )
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return path
-    raise SlmError(f"could not take the lock {path}; delete it if no slm run is using {output_dir}.")
+            os.unlink(self.path)  # while still holding it, so no one can lock this file after we let go
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
-def release_lock(path: Path) -> None:
-    try:
-        if path.read_text().strip() == f"{platform.node()} {os.getpid()}":
-            path.unlink()
-    except FileNotFoundError:
-        pass
+def acquire_lock(output_dir: str | Path) -> OutputLock:
+    return OutputLock(output_dir).acquire()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def release_lock(lock: OutputLock) -> None:
+    lock.release()
 
 
 def content_hash(folder: str | Path) -> str:
@@ -177,6 +377,9 @@ def write_metadata(folder: Path, *, stage: str, config: dict, parents: list[dict
         "versions": versions(),
         "content_hash": content_hash(folder),
     }
+    pipeline = output_stamp(stage).get("pipeline")
+    if pipeline:  # which `slm run` stage wrote it: that pipeline may replace it on a rerun, nothing else may
+        meta["pipeline"] = pipeline
     if extra:
         meta.update(extra)
     (Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slm_cli.artifacts import METADATA_FILE, content_hash, read_metadata
+from slm_cli.artifacts import METADATA_FILE, content_hash, output_stamp, read_metadata
 from slm_cli.errors import SlmError
 from slm_cli.evaluate.speed import FP8_NOTE, safetensors_params, weights_bytes
 
@@ -313,23 +313,29 @@ def build_report(artifact_dirs: list[str | Path], title: str) -> dict:
         "columns": [list(c) for c in columns(rows)],
         "rows": rows,
         "missing_parents": missing,
+        "slm_output": output_stamp("report"),
     }
 
 
-def write_report(artifact_dirs: list[Path], out_dir: Path, title: str, *, show: bool = True) -> dict:
+def write_report(artifact_dirs: list[Path], out_dir: Path, title: str, *, show: bool = True, overwrite: bool | str = False) -> dict:
     """Write report.json, report.md and report.png for the artifacts and their lineage into out_dir.
 
-    Prints the table to slm's console unless show=False. Returns the report dict (as in
-    report.json) with `files`: the paths written.
+    Written into `<out_dir>.work/staging` and published in one rename, like every slm output;
+    an existing out_dir is replaced only under `overwrite` (see artifacts.check_output). Prints the
+    table to slm's console unless show=False. Returns the report dict (as in report.json) with
+    `files`: the paths written.
     """
+    from slm_cli import artifacts
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = artifacts.begin(out_dir, overwrite)
     report = build_report(artifact_dirs, title)
-    report["plot"] = plot(report["rows"], report["quality"], out_dir / REPORT_PNG, title) if report["quality"] else False
-    files = [out_dir / REPORT_JSON, out_dir / REPORT_MD] + ([out_dir / REPORT_PNG] if report["plot"] else [])
-    report["files"] = [str(f) for f in files]
-    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / REPORT_MD).write_text(markdown(report))
+    report["plot"] = plot(report["rows"], report["quality"], staging / REPORT_PNG, title) if report["quality"] else False
+    names = [REPORT_JSON, REPORT_MD] + ([REPORT_PNG] if report["plot"] else [])
+    report["files"] = [str(out_dir / n) for n in names]
+    (staging / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (staging / REPORT_MD).write_text(markdown(report))
+    artifacts.commit(staging, out_dir, overwrite)
     if show:
         from slm_cli.ui import console
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
-from slm_cli.artifacts import acquire_lock, release_lock, staging_dir
+from slm_cli import artifacts, faults
+from slm_cli.artifacts import release_lock, staging_dir
 from slm_cli.config import ConfigError, validate
 from slm_cli.errors import SlmError
 
@@ -68,6 +68,39 @@ def is_worker() -> bool:
     return os.environ.get("SLM_LAUNCHED") == "1" or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _claim_output(output_dir: str, overwrite: bool | str, values: dict):
+    """Check the output is safe to write and lock it for this run; None when there is nothing left to do.
+
+    Refused up front, before any slow work: an output that is, contains or lies inside an input; an
+    existing folder slm did not write (see artifacts.check_output); a folder that cannot be created.
+    """
+    from slm_cli.ui import console
+
+    if artifacts.restore_replaced(output_dir):
+        console.print(f"[yellow]warning:[/yellow] restored {output_dir}: a run replacing it was stopped mid-publish")
+    done = artifacts.finished_by_earlier_run(output_dir, artifacts.config_fingerprint(values))
+    if not done:
+        artifacts.check_output(output_dir, overwrite, artifacts.run_inputs(values))
+    try:
+        lock = artifacts.acquire_lock(output_dir)
+    except OSError as exc:
+        raise SlmError(
+            f"cannot create output_dir {output_dir}: {exc.strerror} ({exc.filename or output_dir}). Choose an "
+            "output_dir in a folder you can write, e.g. output_dir=$HOME/slm-out/<name>."
+        ) from exc
+    if done:
+        import shutil
+
+        shutil.rmtree(artifacts.work_dir(output_dir), ignore_errors=True)
+        artifacts.release_lock(lock)
+        console.print(
+            f"output_dir {output_dir} already holds the artifact of this command (an earlier run published it and "
+            "was stopped while cleaning up); its leftovers were removed, nothing to redo."
+        )
+        return None
+    return lock
+
+
 def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
     """Validate `cfg` against `schema`, refuse to clobber outputs, relaunch if multi-process, run `work`."""
     typed = None
@@ -81,11 +114,11 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
             if previous is not None:
                 typed.output_dir = values["output_dir"] = str(previous)
         output_dir = getattr(typed, "output_dir", None)
-        if output_dir and Path(output_dir).exists() and not typed.overwrite and not is_worker():
-            raise SlmError(
-                f"output_dir {output_dir} already exists. Choose another output_dir=..., or pass overwrite=true to replace it."
-            )
-        lock = acquire_lock(output_dir) if output_dir and not is_worker() else None
+        lock = None
+        if output_dir and not is_worker():
+            lock = _claim_output(output_dir, typed.overwrite, values)
+            if lock is None:
+                return None
         try:
             launcher = getattr(typed, "launcher", None)  # stages that do not train run in one process
             if launcher is not None and not is_worker():
@@ -93,6 +126,7 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
 
                 if needs_relaunch(launcher):
                     sys.exit(relaunch(typed, values))
+            faults.point("setup")
             return work(typed, values)
         finally:
             if lock is not None:

@@ -55,7 +55,6 @@ def hydra_main(cfg) -> None:
 def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     import json
     import os
-    import shutil
     import time
     from pathlib import Path
 
@@ -113,9 +112,7 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
 
     # --- save --------------------------------------------------------------------------------
     out = Path(cfg.output_dir)
-    if out.exists():  # run_stage refused it unless overwrite=true
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    staging = artifacts.begin(out, cfg.overwrite)  # published in one rename below, like every slm output
     report = {
         "artifacts": results,
         "settings": spec_base,
@@ -123,8 +120,10 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": resolved,
         "versions": artifacts.versions(),
+        "slm_output": artifacts.output_stamp("bench"),
     }
-    write_atomic(out / BENCH_FILE, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomic(staging / BENCH_FILE, json.dumps(report, indent=2, default=str) + "\n")
+    artifacts.commit(staging, out, cfg.overwrite)
     if b.write_to_artifact:
         for path, result in zip(folders, results):
             merge_into_artifact(path, result)

@@ -27,7 +27,6 @@ def main(cfg) -> None:
 
 def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     import json
-    import shutil
     import time
     from pathlib import Path
 
@@ -129,9 +128,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
 
     # --- save --------------------------------------------------------------------------------
     out = Path(cfg.output_dir)
-    if out.exists():  # run_stage refused it unless overwrite=true
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    staging = artifacts.begin(out, cfg.overwrite)  # published in one rename below, like every slm output
     settings = _settings(cfg, metric)
     report = {
         "model": name,
@@ -145,10 +142,12 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": resolved,
         "versions": artifacts.versions(),
+        "slm_output": artifacts.output_stamp("eval"),
     }
-    write_atomic(out / EVAL_FILE, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomic(staging / EVAL_FILE, json.dumps(report, indent=2, default=str) + "\n")
     if rows:
-        write_atomic(out / PREDICTIONS_FILE, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+        write_atomic(staging / PREDICTIONS_FILE, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    artifacts.commit(staging, out, cfg.overwrite)
     if cfg.eval.write_to_artifact:
         merge_into_artifact(cfg.artifact, data.source, {**result, "split": data.split, "metric": metric, **settings})
     ui.console.print(ui.kv_table(f"eval: {data.source}, {data.split} split", ui.metric_rows(result)))

@@ -48,7 +48,6 @@ def hydra_main(cfg) -> None:
 
 
 def run(cfg: ReportStageConfig, resolved: dict) -> dict:
-    import shutil
     from pathlib import Path
 
     from slm_cli import ui
@@ -56,10 +55,7 @@ def run(cfg: ReportStageConfig, resolved: dict) -> dict:
 
     # --- setup -------------------------------------------------------------------------------
     ui.console.print(ui.resolved_config_panel(resolved))
-    out = Path(cfg.output_dir)
-    if out.exists():  # run_stage refused it unless overwrite=true
-        shutil.rmtree(out)
 
     # --- run and save ------------------------------------------------------------------------
     folders = [cfg.artifacts] if isinstance(cfg.artifacts, str) else list(cfg.artifacts)  # one folder from a pipeline input
-    return write_report([Path(a) for a in folders], out, cfg.title)
+    return write_report([Path(a) for a in folders], Path(cfg.output_dir), cfg.title, overwrite=cfg.overwrite)

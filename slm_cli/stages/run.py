@@ -21,6 +21,7 @@ def main(cfg) -> None:
 
 
 def run(cfg: RunStageConfig, resolved: dict) -> dict:
+    import json
     import os
     import subprocess
     import sys
@@ -29,7 +30,7 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
 
     from slm_cli import pipeline, ui
     from slm_cli.__main__ import STAGES
-    from slm_cli.artifacts import content_hash
+    from slm_cli.artifacts import PIPELINE_ENV, content_hash
     from slm_cli.engine.launcher import RENDEZVOUS_VARS
     from slm_cli.errors import SlmError
     from slm_cli.paths import RECIPE_DIR
@@ -62,12 +63,15 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
             summary.append({"stage": spec.name, "runs": spec.stage, "status": "skipped", "seconds": 0.0})
             outputs[spec.name] = out
             continue
+        tag = {"root": str(root.resolve()), "name": spec.name}
+        replace = _may_replace(out, tag, spec.name)
         cmd = [sys.executable, "-m", "slm_cli", spec.stage, *spec.overrides,
                *(f"{k}={Path(p).resolve()}" for k, p in sources.items()),
-               f"output_dir={out.resolve()}", f"hydra.run.dir={(root / 'logs' / spec.name).resolve()}", "overwrite=true"]
+               f"output_dir={out.resolve()}", f"hydra.run.dir={(root / 'logs' / spec.name).resolve()}",
+               *(["overwrite=true"] if replace else [])]
         ui.console.rule(f"{spec.name}: slm {spec.stage}")
         t0 = time.perf_counter()
-        code = subprocess.call(cmd, env=env)
+        code = subprocess.call(cmd, env={**env, PIPELINE_ENV: json.dumps(tag)})
         seconds = time.perf_counter() - t0
         if code != 0:
             done = [s["stage"] for s in summary]
@@ -87,6 +91,32 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
     if models_made and cfg.report:  # eval stages write results, not models
         from slm_cli.report import write_report
 
-        report = write_report(models_made, root / "report", title=f"slm run recipe={cfg.recipe}")
+        report_dir = root / "report"
+        report = write_report(models_made, report_dir, title=f"slm run recipe={cfg.recipe}",
+                              overwrite=_may_replace(report_dir, None, "report"))
         ui.console.print(f"report: {root / 'report'} ({', '.join(Path(f).name for f in report.get('files', []))})")
     return {"stages": summary}
+
+
+def _may_replace(out, tag: dict | None, name: str) -> bool:
+    """Whether `slm run` may replace what is at `out`: only an output it wrote itself for this stage.
+
+    A stage's slm.json (or result file) records the pipeline root and stage name that wrote it;
+    anything else there (a user's own folder, another pipeline's artifact) is refused, never replaced.
+    The report, written by the runner itself, is recognised by its stamp.
+    """
+    import os
+
+    from slm_cli.artifacts import owner_of
+    from slm_cli.errors import SlmError
+
+    if not os.path.lexists(out):
+        return False
+    owner = owner_of(out) if out.is_dir() else None
+    ours = owner is not None and (owner.get("pipeline") == tag if tag else owner.get("stage") == "report")
+    if not ours:
+        raise SlmError(
+            f"{out} exists and was not written by this pipeline's stage {name!r}, so `slm run` will not replace it. "
+            "Move it away, or choose another output_root=..."
+        )
+    return True

@@ -92,3 +92,35 @@ def run_cli(args, *, env=None, cwd=None, timeout=600, preexec_fn=None) -> subpro
         [sys.executable, "-m", "slm_cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
         preexec_fn=preexec_fn,
     )
+
+
+# A process that takes slm's output lock on argv[1], prints "got" or "refused", then holds it until stdin closes.
+_LOCK_HOLDER = (
+    "import sys\n"
+    "from slm_cli.artifacts import acquire_lock\n"
+    "from slm_cli.errors import SlmError\n"
+    "sys.stdin.readline()\n"
+    "try:\n"
+    "    lock = acquire_lock(sys.argv[1])\n"
+    "except SlmError as exc:\n"
+    "    print('refused', exc, flush=True)\n"
+    "    sys.exit(0)\n"
+    "print('got', flush=True)\n"
+    "sys.stdin.read()\n"
+    "lock.release()\n"
+)
+
+
+def lock_holder(output_dir) -> subprocess.Popen:
+    """Start a process that will try slm's lock on `output_dir` once a line is written to its stdin."""
+    return subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(output_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def hold_lock(output_dir) -> subprocess.Popen:
+    """A live process holding slm's lock on `output_dir` (close its stdin, or kill it, to let go)."""
+    proc = lock_holder(output_dir)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().startswith("got")
+    return proc
