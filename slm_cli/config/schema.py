@@ -29,6 +29,16 @@ STUDENT_INITS = ("config", "pretrained", "teacher_layers")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _output_problems(cfg, out: list[str]) -> None:
+    """The checks every stage that writes an output folder shares."""
+    _problems_if(not cfg.output_dir, "output_dir is empty", out)
+    _problems_if(
+        cfg.overwrite not in (True, False, "force"),
+        f"overwrite={cfg.overwrite!r}: choose false, true (replace an output slm wrote) or force (replace any folder)",
+        out,
+    )
+
+
 # Every int and float field declares the values it accepts (see validate.Range); these are the common ones.
 PositiveInt = Annotated[int, Range(ge=1)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
@@ -246,7 +256,7 @@ class TrainStageConfig:
     stage: str = "teacher"  # which stage this config drives (set by the stage's YAML)
     seed: Seed = 0  # makes data order, init and sampling repeatable
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
-    overwrite: bool = False  # replace an existing output_dir
+    overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
     resume: Union[bool, str] = "auto"  # auto: continue an unfinished run of this config if one exists | true: must | false: start afresh
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -256,7 +266,7 @@ class TrainStageConfig:
 
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _output_problems(self, out)
         _problems_if(
             self.resume not in (True, False, "auto"), f"resume={self.resume!r}: choose auto, true or false", out
         )
@@ -448,7 +458,7 @@ class QuantizeStageConfig:
     dtype: str = "float32"  # dtype the source is loaded and evaluated in; scales are computed from these weights
     seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
-    overwrite: bool = False  # replace an existing output_dir
+    overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)
@@ -456,7 +466,7 @@ class QuantizeStageConfig:
 
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _output_problems(self, out)
         _problems_if(not self.model_path, "model_path is empty: give the artifact folder to quantize", out)
         _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
         out += self.quant.problems("quant") + self.calibration.problems("calibration") + self.eval.problems("eval")
@@ -526,12 +536,12 @@ class BenchStageConfig:
     device: Optional[str] = None  # cpu | cuda; null = cuda when present, else cpu
     trust_remote_code: bool = False  # run model code shipped with a checkpoint (only if you trust its source)
     output_dir: str = "outputs/bench/results"  # bench.json is written here
-    overwrite: bool = False  # replace an existing output_dir
+    overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
     bench: BenchSettings = field(default_factory=BenchSettings)
 
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _output_problems(self, out)
         _problems_if(
             not self.artifacts, "nothing to measure: give artifacts=[<folder>,...] or the folders after `slm bench`", out
         )
@@ -548,11 +558,11 @@ class ReportStageConfig:
     artifacts: Union[list[str], str] = field(default_factory=list)  # artifact folders (or a pipeline's output_root); parents are found via slm.json
     title: str = "slm report"  # heading of report.md and the plot
     output_dir: str = "outputs/report/results"  # report.md, report.json and report.png are written here
-    overwrite: bool = False  # replace an existing output_dir
+    overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
 
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _output_problems(self, out)
         _problems_if(
             not self.artifacts, "nothing to report: give artifacts=[<folder>,...] or the folders after `slm report`", out
         )
@@ -651,7 +661,7 @@ class PruneStageConfig:
     dtype: str = "float32"  # dtype the source is loaded, pruned and saved in (statistics are accumulated in float32)
     seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
-    overwrite: bool = False  # replace an existing output_dir
+    overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
     threads: OptionalPositiveInt = None  # torch CPU threads; null = torch's default
     prune: PruneSettings = field(default_factory=PruneSettings)
@@ -660,7 +670,7 @@ class PruneStageConfig:
 
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _output_problems(self, out)
         _problems_if(not self.model_path, "model_path is empty: give the artifact folder to prune", out)
         _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
         out += self.prune.problems("prune") + self.calibration.problems("calibration") + self.eval.problems("eval")
@@ -727,7 +737,7 @@ class EvalStageConfig:
     seed: Seed = 0  # fixes generated task examples and the few-shot examples
     artifact: Optional[str] = None  # folder to evaluate (an slm artifact or any HF folder); or choose model=
     output_dir: str = "outputs/eval/results"  # eval.json and predictions.jsonl are written here
-    overwrite: bool = False  # replace an existing output_dir
+    overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
     model: Optional[ModelConfig] = None  # the model to evaluate when artifact is not given (model=NAME)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -739,7 +749,7 @@ class EvalStageConfig:
 
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
-        _problems_if(not self.output_dir, "output_dir is empty", out)
+        _output_problems(self, out)
         _problems_if(
             self.artifact is None and self.model is None,
             "nothing to evaluate: give artifact=<folder> or a model, e.g. model=smollm2-135m-instruct",
