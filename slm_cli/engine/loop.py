@@ -147,9 +147,10 @@ def initialize(model: torch.nn.Module, tcfg, dcfg):
     """Wrap `model` in a DeepSpeed engine configured from the `train` and `deepspeed` groups."""
     import deepspeed
 
-    from slm_cli.engine.ops import clear_stale_locks
+    from slm_cli.engine.ops import clear_stale_locks, use_private_extensions_dir
 
     dist.setup_env()
+    use_private_extensions_dir()
     clear_stale_locks()  # a lock left by a killed build would make the op load below wait forever
     if tcfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

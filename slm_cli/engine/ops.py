@@ -1,7 +1,8 @@
 """DeepSpeed's CPU ops: built once up front (`make ops`), and guarded against stale build locks.
 
 The CPU Adam and the shared-memory collective build by JIT (ninja + gcc) on first use, about
-two minutes here, and are cached under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
+two minutes here, and are cached under TORCH_EXTENSIONS_DIR, which slm sets to a folder inside
+this environment (`private_extensions_dir`) unless the user set it.
 
 Every later load still takes torch's build lock (`<ext>/lock`, created with O_EXCL and removed
 when the load ends) to let ninja check the build is current. A process killed inside that window
@@ -19,6 +20,43 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def private_extensions_dir() -> Path:
+    """This environment's own build folder: `<venv>/var/torch_extensions/<torch, deepspeed versions>`.
+
+    torch's default, ~/.cache/torch_extensions, is shared by every environment of the user, and a
+    build there is keyed by the op's source path. Two venvs (another checkout, a CI clone) therefore
+    rebuild each other's ops in turn, two minutes each, and a run that happens to rebuild under a
+    resource limit (a file-size limit, a full disk) fails inside the compiler. Inside the venv, the
+    build belongs to the environment that compiled it and goes away with it. An interpreter whose
+    prefix is not writable (a system Python) builds under the user's cache, keyed by that prefix.
+    """
+    import hashlib
+    import sys
+    from importlib import metadata
+
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "none"
+
+    name = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{version('torch')}-ds{version('deepspeed')}"
+    if os.access(sys.prefix, os.W_OK):
+        return Path(sys.prefix) / "var" / "torch_extensions" / name
+    key = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:12]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slm-torch-extensions" / f"{name}-{key}"
+
+
+def use_private_extensions_dir() -> Path:
+    """Point torch's JIT builds at `private_extensions_dir()`, unless the user chose TORCH_EXTENSIONS_DIR.
+
+    Set in the environment, so the launcher's ranks and every subprocess build into the same folder.
+    """
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(private_extensions_dir())
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
 def extensions_root() -> Path:
@@ -152,6 +190,7 @@ def build() -> float:
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     t0 = time.perf_counter()
+    use_private_extensions_dir()
     clear_stale_locks()
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])
     shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
@@ -161,4 +200,4 @@ def build() -> float:
 
 
 if __name__ == "__main__":
-    print(f"DeepSpeed CPU ops ready ({build():.1f}s)")
+    print(f"DeepSpeed CPU ops ready in {use_private_extensions_dir()} ({build():.1f}s)")
