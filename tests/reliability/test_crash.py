@@ -94,11 +94,13 @@ def test_signal_saves_a_checkpoint_exits_and_the_rerun_continues(slm, tmp_path, 
 
 def test_ctrl_c_outside_training_is_a_message_not_a_traceback(tmp_path, folders):
     out = tmp_path / "fp8"
-    proc = start(["quantize", f"model_path={folders['teacher']}", "eval.max_tokens=1000000", f"output_dir={out}",
-                  f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(PYTHONUNBUFFERED="1"))
+    # The run waits at the start of its work until the signal comes: however fast the machine, the
+    # signal lands outside training (a run that finished first used to make this test flaky).
+    proc = start(["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
+                 cwd=tmp_path, env=cli_env(PYTHONUNBUFFERED="1", SLM_TEST_PAUSE_AT="setup"))
     try:
-        for line in proc.stdout:  # the config is printed as setup starts
-            if "resolved config" in line:
+        for line in proc.stderr:
+            if "slm-test: paused at setup" in line:
                 break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)

@@ -1,13 +1,11 @@
 """`slm teacher` end to end on tiny models: the real CLI, the real DeepSpeed engine, real checkpoints."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.stages.helpers import FAST, loss_fell, meta, metrics_rows, reloaded_val_loss, run_cli
+from tests.stages.helpers import FAST, hold_lock, loss_fell, meta, metrics_rows, reloaded_val_loss, run_cli
 
 SMALL_MODEL = ["model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]
 
@@ -101,18 +99,16 @@ def test_too_many_processes_is_refused(tmp_path):
 
 
 def test_a_second_run_on_the_same_output_is_refused(slm, tmp_path, capsys):
-    import platform
-
     out = tmp_path / "locked"
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = hold_lock(out)
     try:
-        (tmp_path / "locked.lock").write_text(f"{platform.node()} {owner.pid}")
         assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, f"output_dir={out}") == 2
         assert f"pid {owner.pid}) is writing output_dir" in capsys.readouterr().err
         assert not out.exists()
     finally:
         owner.kill()
         owner.wait()
-    # the owner is gone: its lock is stale and the run proceeds, then releases the lock
+    # the owner is gone (killed: its lock file is left behind, but the kernel released the lock) and the run proceeds
+    assert (tmp_path / "locked.lock").exists()
     assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=1", f"output_dir={out}") == 0
     assert (out / "slm.json").is_file() and not (tmp_path / "locked.lock").exists()
