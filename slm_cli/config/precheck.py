@@ -40,7 +40,8 @@ def check_command_line(stage: str, args: list[str], schema: type) -> None:
     try:
         hydra = _hydra(parsed.config_dir, source)
         problems: list[str] = []
-        for variant, strict in _variants(parsed.overrides, parsed.multirun, source):
+        multirun = parsed.multirun or "hydra.mode=MULTIRUN" in parsed.overrides
+        for variant, strict in _variants(parsed.overrides, multirun, source):
             for p in _check_variant(hydra, config_name, variant, strict, schema, validate_values=parsed.cfg is None):
                 if p not in problems:
                     problems.append(p)

@@ -252,12 +252,13 @@ def test_cli_refuses_before_anything_is_written(slm, tmp_path, capsys, record_me
     [
         ["-m", "train.lr=1e-3,2e-3", "model=tiny-llama,tiny-qwen3"],
         ["-m", "train.max_steps=range(1,3)", "train.lr=interval(0.001,0.01)"],
+        ["hydra.mode=MULTIRUN", "train.lr=1e-3,2e-3"],
         ["hydra.run.dir=/tmp/slm-run", "train.lr=2e-3"],
         ["train.lora.enabled=true"],
         ["--cfg", "job", "train.lr=nan"],  # --cfg shows the config; values are checked when a run starts
         ["--help"],
     ],
-    ids=["multirun sweep", "range and interval sweeps", "hydra.run.dir", "a nested key", "--cfg job", "--help"],
+    ids=["multirun sweep", "range and interval sweeps", "hydra.mode=MULTIRUN", "hydra.run.dir", "a nested key", "--cfg job", "--help"],
 )
 def test_valid_command_lines_pass_the_check(args):
     """Hydra's grammar keeps working: the check composes exactly what @hydra.main will."""
