@@ -114,14 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from slm_cli.engine.ops import use_private_extensions_dir
-
-    use_private_extensions_dir()  # before anything can build a DeepSpeed op, here or in a launched rank
     rest = _expand_recipe(stage, rest)
-    _check_command_line(stage, rest)
+    stage_module = importlib.import_module(module)
+    # check what Hydra will see: bench and report turn bare folder names into artifacts=[...]
+    _check_command_line(stage, getattr(stage_module, "folders_to_override", list)(rest))
     # Hydra reads sys.argv itself; give it exactly the stage's part of the line.
     sys.argv = [f"slm-{stage}", *rest]
-    importlib.import_module(module).main()
+    stage_module.main()
     return 0
 
 

@@ -128,7 +128,9 @@ def _compose(hydra: Any, config_name: str, overrides: list[str], mode: Any):
 
     Returns (config or None, [(kind, override, detail)] set aside, a failure that names no override).
     """
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    import yaml
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
 
     remaining, refused = list(overrides), []
     for _ in range(len(overrides) + 1):
@@ -140,6 +142,8 @@ def _compose(hydra: Any, config_name: str, overrides: list[str], mode: Any):
             found, text = None, " ".join(str(exc).split())
         except ConfigCompositionException as exc:
             found, text = _refused_key(exc, remaining), " ".join(str(exc).split())
+        except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:  # e.g. a config file that is not valid YAML
+            found, text = None, " ".join(str(exc).split())
         if found is None:
             return None, refused, text
         refused.append(found)

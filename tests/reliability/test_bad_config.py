@@ -214,6 +214,7 @@ CLI_CASES = {
     "quantize window=0": (["quantize", *REQUIRED["quantize"], "eval.window=0"], ["eval.window=0 must be >= 2"]),
     "eval batch_size=-1": (["eval", *REQUIRED["eval"], "eval.batch_size=-1"], ["eval.batch_size=-1 must be >= 1"]),
     "bench repeats=0": (["bench", *REQUIRED["bench"], "bench.repeats=0"], ["bench.repeats=0 must be >= 1"]),
+    "bench with bare folder names": (["bench", "/models/a", "/models/b", "bench.warmup=-1"], ["bench.warmup=-1 must be >= 0"]),
     "bench a list entry=nan": (["bench", *REQUIRED["bench"], "bench.prefill_seq_lens=[128,nan]"],
                                ["bench.prefill_seq_lens[1]=nan is not a finite number; it must be >= 1"]),
     "misspelt key without +": (["teacher", "train.max_step=5"],
