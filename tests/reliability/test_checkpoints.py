@@ -84,6 +84,19 @@ def test_damaged_newest_checkpoint_falls_back_and_metrics_cover_the_whole_run(sl
     assert got["tokens_per_s"] == pytest.approx(got["tokens"] / got["train_seconds"])
 
 
+def test_a_save_cut_off_by_a_kill_is_skipped(slm, crashed, straight, capsys):
+    """Killed inside DeepSpeed's save: the tag has some of its files and no marker yet."""
+    args, ckpts = fresh_copy(crashed)
+    (ckpts / f"step{CRASH}" / checkpoint.MARKER).unlink()
+    biggest_file(ckpts / f"step{CRASH}").unlink()
+
+    assert slm(*args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"warning: skipped checkpoint step{CRASH}: it has no slm_resume.json (its save did not finish)" in out
+    assert f"at step {CRASH - 1}" in out
+    assert max_weight_diff(crashed["root"] / "run", straight) <= TOL
+
+
 def test_no_checkpoint_that_loads_is_a_clear_error(slm, crashed, capsys):
     args, ckpts = fresh_copy(crashed)
     (ckpts / f"step{CRASH}" / checkpoint.MARKER).write_text("")
@@ -187,3 +200,19 @@ def _wait_for_file(root, pattern, proc, timeout: float = 240):
             raise AssertionError(f"the run ended (rc {proc.returncode}) before creating {pattern}: {proc.stderr.read()[-3000:]}")
         time.sleep(0.05)
     raise AssertionError(f"no {pattern} under {root} within {timeout}s")
+
+
+def test_the_rerun_command_gives_back_a_recipe_and_drops_what_would_not_continue(monkeypatch, tmp_path):
+    from slm_cli.paths import RECIPE_DIR
+
+    recipe = ["--config-dir", str(RECIPE_DIR / "distill"), "--config-name", "sft_then_on_policy"]
+    monkeypatch.setattr("sys.argv", ["slm-distill", *recipe, "train.lr=1e-4", "resume=false", "output_dir=old",
+                                     "data.source=my data.jsonl"])
+    monkeypatch.delenv("SLM_LAUNCHED", raising=False)
+    assert checkpoint.rerun_command(tmp_path / "out") == (
+        f"slm distill recipe=sft_then_on_policy train.lr=1e-4 'data.source=my data.jsonl' output_dir={tmp_path / 'out'}"
+    )
+    # under the deepspeed launcher the worker's command line carries the run folder the launcher pinned
+    monkeypatch.setattr("sys.argv", ["slm-teacher", "hydra.run.dir=/x/logs", "train.lr=1e-4", "output_dir=/x/a"])
+    monkeypatch.setenv("SLM_LAUNCHED", "1")
+    assert checkpoint.rerun_command(tmp_path / "a") == f"slm teacher train.lr=1e-4 output_dir={tmp_path / 'a'}"
