@@ -60,6 +60,10 @@ def build_ds_config(train, ds, world_size: int) -> dict:
         "steps_per_print": 10**9,  # slm prints its own progress
         "wall_clock_breakdown": False,
     }
+    if train.precision == "bf16":
+        # DeepSpeed's default, pinned because train.nonfinite relies on it: a step whose gradients hold
+        # NaN/inf is not applied (ZeRO 1-2 in fp32 and ZeRO-3 always check; in bf16 this switch decides).
+        config["bf16"]["check_grad_overflow"] = True
     if ds.offload_optimizer == "cpu":
         config["optimizer"] = {
             "type": "AdamW",

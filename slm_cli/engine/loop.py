@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slm_cli.engine import checkpoint
+from slm_cli.engine import checkpoint, cpu_adam
 from slm_cli.engine import distributed as dist
 from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config
 from slm_cli.errors import SlmError
@@ -38,6 +38,9 @@ CRASH_ENV = "SLM_TEST_CRASH_AFTER_STEP"
 # Test-only: after step N is logged, wait for SIGTERM/SIGINT, so a signal test interrupts training
 # at a known point however fast the steps run (a tiny model can finish before the signal arrives).
 PAUSE_ENV = "SLM_TEST_PAUSE_AFTER_STEP"
+# Test-only: SIGKILL this process in the middle of the checkpoint save of step N, right after DeepSpeed
+# wrote the first file of it (the model states), before the optimizer states, `latest` and the marker.
+CRASH_IN_SAVE_ENV = "SLM_TEST_CRASH_IN_SAVE_AT_STEP"
 
 
 def sft_loss(engine, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -241,6 +244,7 @@ def train(
     if resumed is not None:
         start_step = resumed.step
         _set_rng_state(resumed.client_state["rng"])
+        cpu_adam.restore_bias_correction(engine)  # else a resumed CPU Adam drifts from the uninterrupted run
         if dist.is_main():
             _drop_rows_after(metrics_path, start_step)
             from slm_cli.ui import console
@@ -265,6 +269,7 @@ def train(
     t_start = time.perf_counter() - carried.get("train_seconds", 0.0)
     tokens_seen, last = int(carried.get("tokens", 0)), {}
     val_loss = float("nan")
+    skipped_steps = int(carried.get("skipped_steps", 0))
     try:
         for step in range(start_step, tcfg.max_steps):
             t0 = time.perf_counter()
@@ -278,23 +283,43 @@ def train(
             grad_norm = float("nan")
             for j, batch in enumerate(micro):
                 loss_sum, parts = loss_fn(engine, batch)
-                engine.backward(loss_sum / n_target * ga * world)
+                micro_loss = float(loss_sum.detach())
+                scaled = loss_sum / n_target * ga * world
+                if not math.isfinite(micro_loss):
+                    # All-NaN gradients make the optimizer skip this step's update on every rank (below).
+                    scaled = scaled * float("nan")
+                engine.backward(scaled)
                 if j == ga - 1:
                     grad_norm = _grad_norm(engine)
+                    if not math.isfinite(grad_norm) and _no_overflow_check(engine):
+                        _drop_gradients(engine)
                 engine.step()
-                step_sum += float(loss_sum.detach())
+                step_sum += micro_loss
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
             dist.all_reduce_sum(step_sum)
+            if engine.zero_optimization_stage() > 0:
+                grad_norm = _grad_norm(engine, after_step=True)
+            # DeepSpeed skips the update of a step whose gradients hold NaN/inf (ZeRO 1-3, and bf16 at
+            # ZeRO-0); a plain torch optimizer (ZeRO-0, fp32) had its gradients dropped above instead.
+            applied = engine.was_step_applied()
+            if not applied:
+                grad_norm = grad_norm if not math.isfinite(grad_norm) else float("nan")  # ZeRO-3 keeps a stale norm
+                if engine.lr_scheduler is not None:
+                    engine.lr_scheduler.step()  # the schedule follows the step index whatever the stage
+            step_loss = float(step_sum) / n_target
+            nonfinite = not (applied and math.isfinite(step_loss) and math.isfinite(grad_norm))
+            skipped_steps += nonfinite
             step_tokens = int(dist.all_reduce_sum(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)))))
             tokens_seen += step_tokens
             dt = time.perf_counter() - t0
             lr = engine.get_lr()[0]
             last = {
                 "step": step + 1,
-                "loss": float(step_sum) / n_target,
+                "loss": step_loss,
                 "lr": lr,
-                "grad_norm": _grad_norm(engine, after_step=True) if math.isnan(grad_norm) else grad_norm,
+                "grad_norm": grad_norm,
+                "skipped": nonfinite,
                 "tokens": step_tokens,
                 "tokens_per_s": step_tokens / dt if dt > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - t_start,
@@ -311,15 +336,22 @@ def train(
                     f.write(json.dumps(last) + "\n")
             if task is not None:
                 progress.update(task, advance=1, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{last['tokens_per_s']:,.0f}")
+            if nonfinite and tcfg.nonfinite == "stop":
+                raise SlmError(_nonfinite_message(step + 1, step_loss, grad_norm, tcfg, ckpt_dir))
             if os.environ.get(PAUSE_ENV) == str(step + 1):
                 _wait_for_signal(interrupted)
             want_ckpt = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.max_steps
             if want_ckpt or interrupted["signal"] is not None:
+                if not _weights_finite(engine):
+                    raise SlmError(_nonfinite_message(step + 1, step_loss, grad_norm, tcfg, ckpt_dir, weights=True))
                 totals = {
                     "first_train_loss": carried.get("first_train_loss", history[0]["loss"]),
                     "tokens": tokens_seen,
                     "train_seconds": time.perf_counter() - t_start,
+                    "skipped_steps": skipped_steps,
                 }
+                if os.environ.get(CRASH_IN_SAVE_ENV) == str(step + 1):
+                    _die_after_first_checkpoint_file(engine)
                 checkpoint.save(engine, ckpt_dir, step + 1, config_hash=config_hash,
                                 client_state={"step": step + 1, "rng": _rng_state(), "run_totals": totals})
                 if os.environ.get(CRASH_ENV) == str(step + 1):
@@ -347,6 +379,7 @@ def train(
         "tokens": tokens_seen,
         "train_seconds": elapsed,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
+        "skipped_steps": skipped_steps,
     }
     return LoopResult(engine=engine, steps=tcfg.max_steps, metrics=metrics, history=history)
 
@@ -390,6 +423,70 @@ def _stopped_message(signum: int, step: int, max_steps: int, ckpt_dir: Path, wor
         f"stopped by {signal.Signals(signum).name} after step {step} of {max_steps}; checkpoint saved in {ckpt_dir}. "
         f"Run the same command again to continue from it{how}"
     )
+
+
+def _no_overflow_check(engine) -> bool:
+    """True when DeepSpeed would apply this step's update whatever its gradients hold.
+
+    DeepSpeed's engine skips an update when its optimizer wrapper raises `overflow` (the ZeRO
+    optimizers and the bf16 one check gradients for NaN/inf first); a plain torch optimizer, which
+    slm passes at ZeRO-0 in fp32, has no such check.
+    """
+    return not hasattr(engine.optimizer, "overflow")
+
+
+def _drop_gradients(engine) -> None:
+    """Make the coming optimizer step a no-op: torch's AdamW leaves a parameter without a gradient
+    untouched, its moments and step count included (zeroed gradients would still move the weights
+    through the momentum)."""
+    for p in engine.module.parameters():
+        p.grad = None
+
+
+@torch.no_grad()
+def _weights_finite(engine) -> bool:
+    """Whether every rank's weights (its ZeRO-3 partition, where partitioned) are all finite."""
+    bad = 0
+    for p in engine.module.parameters():
+        held = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        if not bool(torch.isfinite(held).all()):
+            bad = 1
+            break
+    return int(dist.all_reduce_sum(torch.tensor(float(bad)))) == 0
+
+
+def _nonfinite_message(step: int, loss: float, grad_norm: float, tcfg, ckpt_dir: Path, weights: bool = False) -> str:
+    what = (
+        f"the weights after step {step} hold NaN/inf (that step's loss {loss:.6g}, gradient norm {grad_norm:.6g})"
+        if weights
+        else f"step {step} has a non-finite loss or gradient norm (loss {loss:.6g}, gradient norm {grad_norm:.6g}); "
+        "its update was not applied"
+    )
+    tips = [f"a lower train.lr (now {tcfg.lr:g})"]
+    if not tcfg.max_grad_norm:
+        tips.append("gradient clipping (train.max_grad_norm=1.0; now 0 = off)")
+    if tcfg.precision == "bf16":
+        tips.append("train.precision=fp32")
+    tips.append("a check of the data and the source model for extreme values")
+    if not weights:
+        tips.append("or train.nonfinite=skip_step to skip such steps and go on")
+    return (
+        f"training stopped: {what}. No checkpoint of this state was written; "
+        f"checkpoints of earlier steps in {ckpt_dir} are kept (after changing the config, resume=true continues from "
+        f"the newest, resume=false starts afresh). Try {', '.join(tips)}."
+    )
+
+
+def _die_after_first_checkpoint_file(engine) -> None:
+    """Test-only (CRASH_IN_SAVE_ENV): a power cut in the middle of a checkpoint save."""
+    ck = engine.checkpoint_engine
+    save = ck.save
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ck.save = save_then_die
 
 
 def _reduce_float(v: float) -> float:
