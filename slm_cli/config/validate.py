@@ -77,13 +77,19 @@ def _is_nonfinite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+def _takes_numbers(tp: Any) -> bool:
+    if get_origin(tp) in (Annotated, Union):
+        return any(_takes_numbers(a) for a in get_args(tp) if not isinstance(a, Range))
+    return tp in (int, float, Any)
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Annotated:
         return _type_name(get_args(tp)[0])
     if origin is Union:
         args = [a for a in get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(_type_name(a) for a in args) + (" or null" if _nullable(tp) else "")
     if origin is dict:
         _, inner = get_args(tp) or (str, Any)
         return f"mapping of {_type_name(inner)}"
@@ -110,9 +116,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}={coerced} must be {rng.describe(_nullable(inner))}")
             return _BAD
         return coerced
-    # NaN and infinity pass every `x < bound` check unnoticed, so no field may hold them,
+    # NaN and infinity pass every `x < bound` check unnoticed, so no numeric field may hold them,
     # declared range or not (a float arm of a Union, a mapping of floats, an Any).
-    if _is_nonfinite(value):
+    if _is_nonfinite(value) and _takes_numbers(tp):
         problems.append(f"{key}={value} is not a finite number")
         return _BAD
     if origin is Union:

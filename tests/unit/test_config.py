@@ -156,3 +156,13 @@ def test_a_range_failure_does_not_cascade_into_cross_field_checks():
     with pytest.raises(ConfigError) as info:
         validate({"model_path": "m", "eval": {"window": NAN}}, PruneStageConfig)
     assert info.value.problems == ["eval.window=nan is not a finite number; it must be >= 2"]
+
+
+def test_nan_in_a_field_that_takes_no_numbers_is_a_type_error():
+    """Only numeric fields say "not a finite number"; a Union without None does not offer null."""
+    with pytest.raises(ConfigError) as info:
+        validate({"model": {"arch": "llama"}, "resume": NAN, "train": {"gradient_checkpointing": INF}}, TeacherStageConfig)
+    assert info.value.problems == [
+        "resume=nan has the wrong type: expected bool or str",
+        "train.gradient_checkpointing=inf has the wrong type: expected bool",
+    ]
