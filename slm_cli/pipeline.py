@@ -107,6 +107,10 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
                     f"{where} ({spec.name}): input {key}={source!r} names no earlier stage and no recipe input "
                     f"(earlier stages: {', '.join(sorted(seen)) or 'none'})"
                 )
+            # an input becomes `<key>=<artifact folder>` on the stage's command line: the same allow-list
+            refusal = override_refusal(spec.stage, f"{key}=<artifact folder>") if spec.stage in known_stages else None
+            if refusal:
+                problems.append(f"{where} ({spec.name}, slm {spec.stage}): input key {key!r} is refused: {refusal}")
         for o in spec.overrides:
             key = o.split("=", 1)[0].lstrip("+~")
             if key in ("output_dir", "hydra.run.dir", *spec.inputs):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -332,6 +333,17 @@ def test_recipe_overrides_inside_the_allow_list_pass(stage, override):
     from slm_cli.pipeline import override_refusal
 
     assert override_refusal(stage, override) is None
+
+
+@pytest.mark.parametrize("key", ["--config-dir", "hydra.searchpath", "+hydra.callbacks.x.src", "train.lr.x"])
+def test_recipe_input_keys_pass_the_same_allow_list(tmp_path, key):
+    """An input becomes `<key>=<artifact folder>` on the stage's line, so its key is checked like an override."""
+    from slm_cli.pipeline import load_recipe
+
+    path = tmp_path / "theirs.yaml"
+    path.write_text(yaml.safe_dump({"inputs": {"t": None}, "stages": [{"name": "a", "stage": "student", "inputs": {key: "t"}}]}))
+    with pytest.raises(SlmError, match=rf"stages\[0\] \(a, slm student\): input key '{re.escape(key)}' is refused"):
+        load_recipe(path, {"teacher", "student"})
 
 
 def test_slm_run_refuses_a_recipe_callback_before_any_stage_runs(slm, tmp_path, capsys, record_message):
