@@ -148,8 +148,8 @@ def save(engine, ckpt_dir: Path, step: int, *, config_hash: str, client_state: d
 
     tag_dir = ckpt_dir / tag_of(step)
     try:
+        signing_key(create=True)  # on every rank: a key that cannot be used stops them all, before the save
         if dist.is_main():
-            signing_key(create=True)  # a key that cannot be used is refused before the save, not after
             if tag_dir.exists():  # left by a run this one fell back from: never mix its files with ours
                 shutil.rmtree(tag_dir)
         dist.barrier()
