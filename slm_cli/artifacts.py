@@ -134,17 +134,40 @@ def check_output(output_dir: str | Path, overwrite: bool | str, inputs: dict[str
     )
 
 
+PUBLISHING = "publishing"  # in <output_dir>.work while an artifact is renamed into place: which one
+
+
+def _identity(folder: Path) -> str | None:
+    """What makes one published output differ from another: its slm.json (or result file) bytes' hash."""
+    for name in (METADATA_FILE, *RESULT_FILES):
+        path = Path(folder) / name
+        if path.is_file():
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+    return None
+
+
+def leftovers_of(output_dir: str | Path) -> bool:
+    """True when `<output_dir>.work` is only what a finished publish of output_dir had not yet deleted.
+
+    Any other .work (the checkpoints of a run still to finish) is kept for its resume.
+    """
+    out = Path(output_dir)
+    marker = work_dir(out) / PUBLISHING
+    try:
+        published = marker.read_text()
+    except OSError:
+        return False
+    return bool(published) and published == _identity(out)
+
+
 def finished_by_earlier_run(output_dir: str | Path, fingerprint: str) -> bool:
     """True when a run of this very config published `output_dir` and was stopped before it cleaned up.
 
     Publishing renames the artifact into place first and only then deletes `<output_dir>.work`; a
     kill in between leaves both. Running the same command again then has nothing left to compute.
     """
-    out = Path(output_dir)
-    meta = _read_json(out / METADATA_FILE)
-    if meta is None or not work_dir(out).exists():
-        return False
-    return config_fingerprint(meta.get("config") or {}) == fingerprint
+    meta = _read_json(Path(output_dir) / METADATA_FILE)
+    return meta is not None and leftovers_of(output_dir) and config_fingerprint(meta.get("config") or {}) == fingerprint
 
 
 def begin(output_dir: str | Path, overwrite: bool | str) -> Path:
@@ -194,6 +217,9 @@ def commit(staging: Path, output_dir: str | Path, overwrite: bool | str, keep_wo
         shutil.rmtree(staging, ignore_errors=True)  # a broken model is not kept where a later run could take it
         _remove_if_empty(work_dir(out))  # checkpoints, if any, stay for a resume
         raise
+    # Names what is being published, so a run that finds `<output_dir>.work` beside an output_dir
+    # holding exactly this knows the .work is only the leftovers of a finished publish (`leftovers_of`).
+    (work_dir(out) / PUBLISHING).write_text(_identity(staging) or "")
     if os.path.lexists(out):
         if not overwrite:
             raise SlmError(f"output_dir {out} appeared while this run was working; the new artifact is kept in {staging}.")

@@ -88,10 +88,11 @@ def _claim_output(output_dir: str, overwrite: bool | str, values: dict):
             f"cannot create output_dir {output_dir}: {exc.strerror} ({exc.filename or output_dir}). Choose an "
             "output_dir in a folder you can write, e.g. output_dir=$HOME/slm-out/<name>."
         ) from exc
-    if done:
+    if artifacts.leftovers_of(output_dir):  # checked under the lock: a live publisher's .work is never touched
         import shutil
 
         shutil.rmtree(artifacts.work_dir(output_dir), ignore_errors=True)
+    if done:
         artifacts.release_lock(lock)
         console.print(
             f"output_dir {output_dir} already holds the artifact of this command (an earlier run published it and "

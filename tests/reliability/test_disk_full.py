@@ -5,16 +5,25 @@ output_dir stays intact and the error says what happened and what to do."""
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from tests.reliability.common import TEACHER, cli, max_weight_diff, slm_json
+from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, slm_json
 
 pytestmark = pytest.mark.reliability
 
 # Larger than the tokenizer, data cache and metrics files a tiny run writes; smaller than its
 # 0.4 MB model.safetensors and its DeepSpeed checkpoint.
 LIMIT_BYTES = 200_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def ops_built():
+    """Build (or find) DeepSpeed's ops before any limit is set: a build under the file-size limit below
+    would fail inside the compiler and test nothing of slm."""
+    subprocess.run([sys.executable, "-m", "slm_cli.engine.ops"], env=cli_env(), check=True, capture_output=True, timeout=900)
 
 
 def small_file_limit():

@@ -166,13 +166,24 @@ def test_slm_run_never_replaces_a_users_folder(slm, tmp_path, capsys, folders, r
 
 # --- publishing is one atomic step -----------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def weight_only_fp8(tmp_path_factory, folders):
+    """An FP8 weight-only artifact of the battery's model: the old artifact the tests below replace."""
+    root = tmp_path_factory.mktemp("fp8-old")
+    out = root / "fp8"
+    args = ["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT, "quant.scheme=fp8_weight_only",
+            f"hydra.run.dir={root}/logs"]
+    assert cli(args, cwd=root).returncode == 0
+    return out
+
+
 @pytest.mark.parametrize("point", ["publish:before-swap", "publish:after-swap", "publish:after-rename"])
-def test_a_kill_while_publishing_leaves_old_or_new_and_the_rerun_finishes(tmp_path, folders, point):
+def test_a_kill_while_publishing_leaves_old_or_new_and_the_rerun_finishes(tmp_path, folders, weight_only_fp8, point):
     """SIGKILL at each point of publishing over an existing artifact, then the same command again."""
     src = folders["teacher"]
     out = tmp_path / "fp8"
+    shutil.copytree(weight_only_fp8, out)
     base = ["quantize", f"model_path={src}", f"output_dir={out}", *QUANT, f"hydra.run.dir={tmp_path}/logs"]
-    assert cli([*base, "quant.scheme=fp8_weight_only"], cwd=tmp_path).returncode == 0
     old = snapshot(out)
     cmd = [*base, "overwrite=true"]  # the new artifact: another scheme over the old one
     killed = cli(cmd, cwd=tmp_path, env=cli_env(SLM_TEST_KILL_AT=point))
@@ -197,6 +208,18 @@ def test_a_kill_after_publishing_a_new_output_then_the_same_command(tmp_path, fo
     rerun = cli(cmd, cwd=tmp_path)  # no overwrite: the same command, as the user typed it
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not (tmp_path / "fp8.work").exists() and slm_json(out)["stage"] == "quantize"
+
+
+def test_the_leftovers_of_a_finished_publish_never_block_the_next_run(tmp_path):
+    """Killed after publishing, before deleting its checkpoints: another config over it must not read them
+    as an unfinished run of its own."""
+    out = tmp_path / "teacher"
+    base = ["teacher", *TEACHER, f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"]
+    killed = cli([*base, "train.max_steps=4", "train.save_every=2"], cwd=tmp_path, env=cli_env(SLM_TEST_KILL_AT="publish:after-rename"))
+    assert killed.returncode == -9 and (tmp_path / "teacher.work" / "checkpoints").is_dir()
+    rerun = cli([*base, "train.max_steps=3", "overwrite=true"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert slm_json(out)["config"]["train"]["max_steps"] == 3 and not (tmp_path / "teacher.work").exists()
 
 
 def test_exchange_swaps_two_folders(tmp_path):
