@@ -83,13 +83,21 @@ def _expand_recipe(stage: str, args: list[str]) -> list[str]:
 
 
 def _check_command_line(stage: str, args: list[str]) -> None:
-    """Misspelt keys and group options and invalid values end here with exit 2, before Hydra makes a run folder."""
+    """Misspelt keys and group options, invalid values and (for `slm run`) a recipe that fails its checks
+    end here with exit 2, before Hydra makes a run folder."""
     from slm_cli.config import STAGE_SCHEMAS, ConfigError
     from slm_cli.config.precheck import check_command_line
+    from slm_cli.errors import SlmError
 
     try:
-        check_command_line(stage, args, STAGE_SCHEMAS[stage])
-    except ConfigError as exc:
+        configs = check_command_line(stage, args, STAGE_SCHEMAS[stage])
+        if stage == "run":
+            from slm_cli import pipeline
+
+            available = {s for s, (m, _) in STAGES.items() if m and s != "run"}
+            for recipe in dict.fromkeys(cfg.recipe for cfg in configs):
+                pipeline.load_recipe(pipeline.find_recipe(recipe, RECIPE_DIR), available)
+    except (ConfigError, SlmError) as exc:
         from slm_cli.runner import fail
 
         fail(str(exc))
@@ -114,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from slm_cli.engine.ops import use_private_extensions_dir
+
+    use_private_extensions_dir()  # before anything can build a DeepSpeed op, here or in a launched rank
     rest = _expand_recipe(stage, rest)
     stage_module = importlib.import_module(module)
     # check what Hydra will see: bench and report turn bare folder names into artifacts=[...]

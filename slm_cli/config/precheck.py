@@ -26,13 +26,17 @@ from slm_cli.paths import CONFIG_DIR
 MAX_VARIANTS = 64
 
 
-def check_command_line(stage: str, args: list[str], schema: type) -> None:
-    """Raise ConfigError naming every override Hydra cannot apply and every invalid value; else return."""
+def check_command_line(stage: str, args: list[str], schema: type) -> list[Any]:
+    """Raise ConfigError naming every override Hydra cannot apply and every invalid value.
+
+    Else return the validated config of each run the line makes (one, or one per sweep value of a
+    multirun; none for --cfg/--help), for checks a stage can make before Hydra starts.
+    """
     from hydra._internal.utils import get_args_parser
 
     parsed = get_args_parser().parse_args(args)
     if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion or parsed.config_path:
-        return  # nothing runs, or a config location we do not mirror: Hydra answers on its own
+        return []  # nothing runs, or a config location we do not mirror: Hydra answers on its own
     source = f"config of `slm {stage}`"
     config_name = parsed.config_name or stage
     from hydra.core.global_hydra import GlobalHydra
@@ -40,15 +44,17 @@ def check_command_line(stage: str, args: list[str], schema: type) -> None:
     try:
         hydra = _hydra(parsed.config_dir, source)
         problems: list[str] = []
+        configs: list[Any] = []
         multirun = parsed.multirun or "hydra.mode=MULTIRUN" in parsed.overrides
         for variant, strict in _variants(parsed.overrides, multirun, source):
-            for p in _check_variant(hydra, config_name, variant, strict, schema, validate_values=parsed.cfg is None):
-                if p not in problems:
-                    problems.append(p)
+            found, typed = _check_variant(hydra, config_name, variant, strict, schema, validate_values=parsed.cfg is None)
+            problems += [p for p in found if p not in problems]
+            configs += [typed] if typed is not None else []
     finally:
         GlobalHydra.instance().clear()
     if problems:
         raise ConfigError(problems, source)
+    return configs
 
 
 def _hydra(config_dir: Optional[str], source: str) -> Any:
@@ -105,22 +111,23 @@ def _variants(overrides: list[str], multirun: bool, source: str) -> list[tuple[l
 
 
 def _check_variant(hydra: Any, config_name: str, overrides: list[str], strict: bool, schema: type,
-                   validate_values: bool) -> list[str]:
+                   validate_values: bool) -> tuple[list[str], Any]:
     from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
     cfg, refused, other = _compose(hydra, config_name, overrides, RunMode.RUN)
     problems = [_explain(kind, override, detail, cfg) for kind, override, detail in refused]
     if other is not None:
-        return problems + ([other] if strict else [])
+        return problems + ([other] if strict else []), None
+    typed = None
     if validate_values and cfg is not None:  # the overrides set aside are named above; check the rest too
         try:
-            validate(_values(cfg), schema)
+            typed = validate(_values(cfg), schema)
         except ConfigError as exc:
             problems += exc.problems
         except OmegaConfBaseException as exc:  # an interpolation that does not resolve
             problems.append(" ".join(str(exc).split()))
-    return problems
+    return problems, typed
 
 
 def _compose(hydra: Any, config_name: str, overrides: list[str], mode: Any):

@@ -354,4 +354,5 @@ def test_slm_run_refuses_a_recipe_callback_before_any_stage_runs(slm, tmp_path, 
     assert slm("run", f"recipe={path}") == 2
     err = " ".join(record_message(capsys.readouterr().err).split())
     assert "recipes may not add Hydra callbacks" in err and str(path) in err
-    assert not marker.exists() and not (tmp_path / "runs").exists()
+    assert not marker.exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["src.txt", "theirs.yaml"]  # no runs/, no Hydra outputs/
