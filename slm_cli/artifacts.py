@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from importlib import metadata
@@ -119,6 +120,7 @@ def check_output(output_dir: str | Path, overwrite: bool | str, inputs: dict[str
             f"output_dir={out} {why} {field}={value}: writing the output there would replace or change what "
             "this run reads. Choose an output_dir outside every input."
         )
+    _check_siblings(out)
     if not os.path.lexists(out):
         return
     if not overwrite:
@@ -158,6 +160,36 @@ def leftovers_of(output_dir: str | Path) -> bool:
     except OSError:
         return False
     return bool(published) and published == _identity(out)
+
+
+# What slm itself puts in `<output_dir>.work`; a folder of that name holding anything else is the user's.
+WORK_ENTRIES = {"staging", "checkpoints", "metrics.jsonl", "teacher_logits", "publishing", "replaced"}
+
+
+def _check_siblings(out: Path) -> None:
+    """`<output_dir>.work` and `<output_dir>.lock` are slm's; refuse to run over a user's file of that name.
+
+    slm deletes its work folder after publishing and unlinks its lock file when it ends, so a
+    user's own `model.work` folder or `model.lock` file beside `output_dir=model` would be lost.
+    """
+    work, lock = work_dir(out), lock_path(out)
+    if os.path.lexists(work):
+        foreign = not work.is_dir() or work.is_symlink() or any(p.name not in WORK_ENTRIES for p in work.iterdir())
+        if foreign:
+            raise SlmError(
+                f"{work} exists and is not slm's work folder for output_dir={out} (slm keeps its checkpoints and "
+                "staging there, and deletes the folder when done). Move it away or choose another output_dir."
+            )
+    if os.path.lexists(lock):
+        try:
+            text = lock.read_text() if lock.is_file() and not lock.is_symlink() and lock.stat().st_size < 256 else None
+        except (OSError, UnicodeDecodeError):
+            text = None
+        if text is None or (text.strip() and not re.fullmatch(r"\S+ \d+", text.strip())):
+            raise SlmError(
+                f"{lock} exists and is not an slm lock file (slm locks output_dir={out} with it and deletes it when "
+                "done). Move it away or choose another output_dir."
+            )
 
 
 def finished_by_earlier_run(output_dir: str | Path, fingerprint: str) -> bool:

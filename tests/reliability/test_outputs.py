@@ -129,6 +129,21 @@ def test_result_folders_are_replaced_only_when_slm_wrote_them(slm, tmp_path, cap
     assert (out / "mine.txt").read_text() == "x"
 
 
+def test_a_users_files_named_like_slms_work_folder_and_lock_are_never_touched(slm, tmp_path, capsys, folders):
+    out = tmp_path / "model"
+    (tmp_path / "model.work").mkdir()
+    (tmp_path / "model.work" / "thesis.tex").write_text("years of work")
+    args = ["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT]
+    assert slm(*args) == 2
+    assert f"{tmp_path / 'model.work'} exists and is not slm's work folder" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "model.work" / "thesis.tex").read_text() == "years of work"
+    shutil.rmtree(tmp_path / "model.work")
+    (tmp_path / "model.lock").write_text("my lock-in notes\nline two")
+    assert slm(*args) == 2
+    assert "is not an slm lock file" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "model.lock").read_text() == "my lock-in notes\nline two" and not out.exists()
+
+
 # --- slm run replaces only what its own stage wrote -------------------------------------------------
 
 def one_stage_recipe(tmp_path: Path) -> Path:
