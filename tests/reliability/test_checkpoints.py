@@ -61,7 +61,7 @@ def test_only_the_last_two_checkpoints_are_kept(crashed):
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step")) == [f"step{CRASH - 1}", f"step{CRASH}"]
 
 
-def test_damaged_newest_checkpoint_falls_back_and_metrics_cover_the_whole_run(slm, crashed, straight, capsys):
+def test_damaged_newest_checkpoint_falls_back_and_metrics_cover_the_whole_run(slm, crashed, straight, capsys, record_message):
     args, ckpts = fresh_copy(crashed)
     # What a power loss can leave: an empty `latest` pointer and a truncated checkpoint file.
     (ckpts / "latest").write_text("")
@@ -72,6 +72,7 @@ def test_damaged_newest_checkpoint_falls_back_and_metrics_cover_the_whole_run(sl
 
     assert slm(*args) == 0
     out = " ".join(capsys.readouterr().out.split())
+    record_message(out[out.index("warning: skipped"):out.index("resuming")])
     assert (f"warning: skipped checkpoint step{CRASH}: its file {victim.name} ({cut} bytes) "
             "is not the file that was saved (truncated or changed)") in out
     assert f"at step {CRASH - 1}" in out
@@ -97,7 +98,7 @@ def test_a_save_cut_off_by_a_kill_is_skipped(slm, crashed, straight, capsys):
     assert max_weight_diff(crashed["root"] / "run", straight) <= TOL
 
 
-def test_no_checkpoint_that_loads_is_a_clear_error(slm, crashed, capsys):
+def test_no_checkpoint_that_loads_is_a_clear_error(slm, crashed, capsys, record_message):
     args, ckpts = fresh_copy(crashed)
     (ckpts / f"step{CRASH}" / checkpoint.MARKER).write_text("")
     victim = biggest_file(ckpts / f"step{CRASH - 1}")
@@ -105,6 +106,7 @@ def test_no_checkpoint_that_loads_is_a_clear_error(slm, crashed, capsys):
 
     assert slm(*args) == 2
     err = " ".join(capsys.readouterr().err.split())
+    record_message(err[err.find("slm error:"):])
     assert f"none of the checkpoints in {ckpts} can be resumed from" in err
     assert f"step{CRASH}: its slm_resume.json is empty (a save cut off by a crash or power loss)" in err
     assert f"step{CRASH - 1}: its file {victim.name} (0 bytes) is not the file that was saved" in err
@@ -121,7 +123,7 @@ class _Planted:
         return (open, (self.path, "w"))
 
 
-def test_a_checkpoint_not_signed_by_this_user_is_never_unpickled(slm, crashed, capsys, tmp_path):
+def test_a_checkpoint_not_signed_by_this_user_is_never_unpickled(slm, crashed, capsys, tmp_path, record_message):
     args, ckpts = fresh_copy(crashed)
     ran = tmp_path / "planted-code-ran"
     newest, older = ckpts / f"step{CRASH}", ckpts / f"step{CRASH - 1}"
@@ -139,6 +141,7 @@ def test_a_checkpoint_not_signed_by_this_user_is_never_unpickled(slm, crashed, c
     assert not ran.exists(), "a planted pickle was loaded"
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
+    record_message(err[err.find("slm error:"):])
     assert f"step{CRASH}: its file {biggest_file(newest).name}" in err
     assert (f"step{CRASH - 1}: the signature of its slm_resume.json does not match your key "
             f"{checkpoint.key_path()}: this checkpoint was not written by your slm, or was changed since") in err
@@ -161,7 +164,7 @@ def test_signing_key_is_private_and_refused_when_others_can_read_it(tmp_path, mo
             checkpoint.signing_key()
 
 
-def test_rerunning_the_default_command_continues_the_interrupted_run(slm, tmp_path, straight, capsys):
+def test_rerunning_the_default_command_continues_the_interrupted_run(slm, tmp_path, straight, capsys, record_message):
     """No output_dir, no hydra.run.dir: each run gets outputs/teacher/<timestamp>/artifact."""
     args = ["teacher", *RUN]
     proc = start(args, cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AFTER_STEP="1"))
@@ -176,6 +179,7 @@ def test_rerunning_the_default_command_continues_the_interrupted_run(slm, tmp_pa
             proc.wait()
     err = " ".join(err.split())
     assert proc.returncode == 2, err[-3000:]
+    record_message(err[err.find("slm error:"):])
     first = metrics.parent.with_name("artifact")
     assert (f"stopped by SIGTERM after step 1 of {STEPS}; checkpoint saved in {first}.work/checkpoints. Run the same "
             f"command again to continue from it: slm {' '.join(args)} output_dir={first}") in err
