@@ -3,8 +3,9 @@ the middle of writing one, then started again with the same command, ends with t
 (bit for bit) and the very per-step losses of a run that was never interrupted.
 
 The whole cross product (ZeRO 0-3, optimizer / parameter offload, fp32 / bf16, two kill points) is
-marked slow. The default run keeps the cases that guard known defects, measured on this 2-core
-machine under load from other jobs:
+marked slow and not reliability, since `pytest -m reliability` replaces the default `-m 'not slow'`
+(run it with `pytest -m slow tests/reliability/test_resume_matrix.py`). The battery keeps the cases
+that guard known defects, measured on this 2-core machine under load from other jobs:
   zero2-offload-fp32-after-save   ~80 s  ZeRO-2 + CPU Adam, resumed where DeepSpeed's CPU Adam used
                                          to recompute beta^t differently (see engine/cpu_adam.py)
   zero3-offload-bf16-mid-save     ~90 s  parameters and optimizer offloaded, killed inside a save
@@ -20,8 +21,6 @@ import torch
 
 from tests.reliability.common import TEACHER, cli, cli_env, run_slm, weights
 from tests.stages.helpers import metrics_rows
-
-pytestmark = pytest.mark.reliability
 
 STEPS = 8
 # beta2=0.95: the first resumed step (7) is one whose pow(beta2, t) and repeated product differ.
@@ -50,7 +49,7 @@ def _cases():
     for layout in LAYOUTS:
         for precision in PRECISIONS:
             for fault in FAULTS:
-                marks = [] if (layout, precision, fault) in DEFAULT else [pytest.mark.slow]
+                marks = pytest.mark.reliability if (layout, precision, fault) in DEFAULT else pytest.mark.slow
                 yield pytest.param(layout, precision, fault, id=f"{layout}-{precision}-{fault}", marks=marks)
 
 

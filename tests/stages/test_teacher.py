@@ -1,10 +1,13 @@
 """`slm teacher` end to end on tiny models: the real CLI, the real DeepSpeed engine, real checkpoints."""
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from slm_cli.engine.checkpoint import MARKER
 from tests.stages.helpers import FAST, hold_lock, loss_fell, meta, metrics_rows, reloaded_val_loss, run_cli
 
 SMALL_MODEL = ["model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128"]
@@ -112,3 +115,72 @@ def test_a_second_run_on_the_same_output_is_refused(slm, tmp_path, capsys):
     assert (tmp_path / "locked.lock").exists()
     assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=1", f"output_dir={out}") == 0
     assert (out / "slm.json").is_file() and not (tmp_path / "locked.lock").exists()
+
+
+# A learning rate this large makes step 1's Adam update throw the weights to ~1e29 (still finite),
+# so step 2's gradients overflow: a deterministic non-finite step on a tiny model.
+EXPLODE = ["model=tiny-llama", *SMALL_MODEL, *FAST, "train.lr=1e30", "train.max_grad_norm=0", "train.save_every=1"]
+
+
+def test_nonfinite_step_stops_with_a_message_and_keeps_the_last_good_checkpoint(slm, tmp_path, capsys):
+    out = tmp_path / "diverged"
+    assert slm("teacher", *EXPLODE, "train.max_steps=4", f"output_dir={out}") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "training stopped: step 2 has a non-finite loss or gradient norm" in err and "gradient norm nan" in err
+    assert "Try a lower train.lr (now 1e+30), gradient clipping (train.max_grad_norm=1.0; now 0 = off)" in err
+    assert "train.nonfinite=skip_step" in err and "Traceback" not in err
+    ckpts = tmp_path / "diverged.work" / "checkpoints"
+    assert (ckpts / "step1" / MARKER).is_file(), "the last good checkpoint is kept"
+    assert not (ckpts / "step2").exists(), "no checkpoint of the non-finite step"
+    assert not out.exists()
+    rows = [json.loads(line) for line in (tmp_path / "diverged.work" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, False), (2, True)]
+
+
+def _tensors(obj, path: str, out: dict) -> dict:
+    """Every tensor of a checkpoint file by its path, and the optimizer's step counters."""
+    if torch.is_tensor(obj):
+        out[path] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors(v, f"{path}/{k}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensors(v, f"{path}/{i}", out)
+    elif isinstance(obj, int) and path.endswith("/step") and "/state/" in path:
+        out[path] = torch.tensor(obj)
+    return out
+
+
+def checkpoint_state(tag_dir: Path) -> dict:
+    """Weights and optimizer state saved in one DeepSpeed checkpoint tag (the RNG state and the client's step excluded)."""
+    found: dict = {}
+    for f in sorted(tag_dir.glob("*.pt")):
+        _tensors(torch.load(f, map_location="cpu", weights_only=False), f.name, found)
+    return {k: v for k, v in found.items() if "/rng" not in k}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["deepspeed=zero0"],  # a plain torch AdamW: slm drops the gradients itself
+        pytest.param(["deepspeed=zero2-offload"], marks=pytest.mark.slow),  # DeepSpeed's CPU Adam
+        ["deepspeed=zero3", "train.precision=bf16"],  # DeepSpeed's own overflow check, bf16 master weights
+    ],
+    ids=["zero0", "zero2-offload", "zero3-bf16"],
+)
+def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, layout):
+    out = tmp_path / "skipping"
+    command = ["teacher", *EXPLODE, *layout, "train.max_steps=4", "train.nonfinite=skip_step", f"output_dir={out}"]
+    proc = run_cli([*command, f"hydra.run.dir={tmp_path}/logs"], env=dict(os.environ, SLM_TEST_CRASH_AFTER_STEP="2"))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ckpts = tmp_path / "skipping.work" / "checkpoints"
+    after1, after2 = checkpoint_state(ckpts / "step1"), checkpoint_state(ckpts / "step2")
+    assert after1.keys() == after2.keys() and any("exp_avg" in k for k in after1)
+    changed = [k for k in after1 if not torch.equal(after1[k], after2[k])]
+    assert not changed, f"the skipped step 2 changed {changed}"
+
+    assert slm(*command) == 0  # resumes after step 2 and skips the rest, which stay non-finite
+    rows = metrics_rows(out)
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, False), (2, True), (3, True), (4, True)]
+    assert meta(out)["metrics"]["skipped_steps"] == 3, "counted over the whole run, across the resume"
