@@ -158,6 +158,13 @@ def test_signing_key_is_private_and_refused_when_others_can_read_it(tmp_path, mo
     with pytest.raises(SlmError, match=r"has mode 0640: others can read or change it"):
         checkpoint.signing_key()
     path.chmod(0o600)
+    elsewhere = tmp_path / "someone-elses.key"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    with pytest.raises(SlmError, match=r"it must be a regular file, not a symlink"):
+        checkpoint.signing_key()
+    path.unlink()
+    elsewhere.rename(path)
     if os.getuid() == 0:  # only root can give a file away
         os.chown(path, 65534, -1)
         with pytest.raises(SlmError, match=r"belongs to uid 65534, not to you"):
