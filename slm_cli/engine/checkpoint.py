@@ -297,6 +297,7 @@ def load_newest(engine, ckpt_dir: Path, *, config_hash: str, resume: bool | str)
         return None
     key = signing_key()
     skipped: list[Unusable] = []
+    tried_loading = False
     for step, tag_dir in found:
         marker, problem = verify(tag_dir, key)
         if problem is None and resume == "auto" and marker["config_hash"] != config_hash:
@@ -306,6 +307,7 @@ def load_newest(engine, ckpt_dir: Path, *, config_hash: str, resume: bool | str)
                 "(its checkpoints are replaced), resume=true to continue it anyway, or choose another output_dir."
             )
         if problem is None:
+            tried_loading = True
             try:
                 load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag_dir.name)
             except Exception as exc:  # noqa: BLE001  any failure to load sends us to the previous checkpoint
@@ -321,8 +323,9 @@ def load_newest(engine, ckpt_dir: Path, *, config_hash: str, resume: bool | str)
         _warn_skipped(skipped, then="starting afresh")
         return None
     listing = "; ".join(f"{s.tag}: {s.reason}" for s in skipped)
+    loaded = "" if tried_loading else " Nothing was loaded."
     raise SlmError(
-        f"none of the checkpoints in {ckpt_dir} can be resumed from ({listing}). Nothing was loaded. Run with "
+        f"none of the checkpoints in {ckpt_dir} can be resumed from ({listing}).{loaded} Run with "
         "resume=false to start afresh (the checkpoints there are deleted), or choose another output_dir."
     )
 
