@@ -25,6 +25,11 @@ Names `resolve_model_path` understands:
   * any path ending in `.gguf`: converted into ``$SLM_CACHE/models/gguf/<stem>-<sha256[:12]>``
     (a changed file gets a new folder);
   * anything else (an HF folder, a hub id) is returned unchanged.
+
+`check_model_folder` is the check every stage runs on each model it reads, before anything slow:
+the folder's config, weights and tokenizer are whole, its weights are not pickles, its kind fits
+the stage, and a hub id is usable (cached, or the hub answers). It needs only the standard
+library (and huggingface_hub for hub ids), so stages call it before importing torch.
 """
 
 from __future__ import annotations
@@ -260,3 +265,281 @@ def convert_gguf(gguf_path: str | Path, target: str | Path, source_name: str | N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# Files that hold a tokenizer's vocabulary; tokenizer_config.json alone holds only settings.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "sentencepiece.bpe.model")
+# Weight formats that are Python pickles: loading one can run code, so slm never does.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# What other slm stages and tools leave in a folder that is not a model, and what to give instead.
+NOT_A_MODEL = {
+    "eval.json": "the results of `slm eval`, not a model; give the model folder it scored",
+    "bench.json": "the results of `slm bench`, not a model; give one of the artifact folders it timed",
+    "adapter_config.json": "a LoRA adapter, not a whole model; merge it into its base model (peft's merge_and_unload, "
+    "then save_pretrained) and give that folder",
+}
+
+
+def looks_local(path: str) -> bool:
+    """A path on this disk rather than a hub id ("org/name"): it exists, starts like a path, or has two slashes."""
+    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def check_model_folder(
+    path: str, field: str, *, weights: bool = True, tokenizer: bool = True, quantized_ok: bool = True
+) -> str:
+    """Check that `path` (the value of config field `field`) is a model slm can load, reading no weights.
+
+    Local folders: config.json parses and names a model_type; the safetensors files are whole (each
+    header is read and its tensors must cover the file exactly); weights that exist only as pickles
+    are refused (slm never unpickles); a tokenizer is present when `tokenizer`; a quantized checkpoint
+    is refused unless `quantized_ok`. Hub ids: see `check_hub_model`. Every error names the field,
+    the path and the fix. Returns the folder to load (a built-in name or .gguf file converted once).
+    """
+    path = resolve_model_path(path)
+    if not looks_local(path):
+        check_hub_model(path, field)
+        return path
+    p = Path(path).expanduser()
+    if p.is_file():
+        hint = f"the folder that holds it: {field}={p.parent}" if p.name == "config.json" or p.suffix == ".safetensors" else (
+            "a folder holding config.json and weights (written by save_pretrained or by an slm stage)"
+        )
+        raise SlmError(f"{field}={path} is a file, not a model folder. Give {hint}.")
+    if not p.is_dir():
+        raise SlmError(f"{field}={path}: no such folder. Give a folder holding config.json and weights, or a hub id.")
+    if not (p / "config.json").is_file():
+        what = next((why for name, why in NOT_A_MODEL.items() if (p / name).is_file()), None)
+        raise SlmError(
+            f"{field}={path} is {what}." if what else
+            f"{field}={path} is not a model folder (no config.json). "
+            "Point it at a folder written by save_pretrained or by an slm stage."
+        )
+    config = _read_model_config(p, field, path)
+    from slm_cli.artifacts import check_readable
+
+    check_readable(p, field)
+    if weights:
+        _check_weights(p, field, path)
+    if tokenizer:
+        _check_tokenizer_files(p, field, path)
+    if not quantized_ok and config.get("quantization_config"):
+        raise SlmError(_quantized_message(p, field, path, config["quantization_config"]))
+    _check_model_type(config, p / "config.json", field, path)
+    return path
+
+
+def _check_model_type(config: dict, file: Path, field: str, path: str) -> None:
+    """The model_type is one this transformers knows, or the folder ships its own code (auto_map).
+    Checked last: it is the one check that imports transformers (seconds), the others need only the
+    standard library."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config["model_type"]
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        raise SlmError(
+            f"{field}={path}: {file} has model_type={model_type!r}, which this transformers does not know. "
+            "Fix the spelling (e.g. llama, qwen2, mistral), or upgrade transformers if the architecture is newer."
+        )
+
+
+def _read_model_config(folder: Path, field: str, path: str) -> dict:
+    """config.json as a dict that names a model_type."""
+    file = folder / "config.json"
+    damaged = "Restore it from where the model came from, or save the model again with save_pretrained."
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SlmError(f"{field}={path}: {file} is not UTF-8 text, so it is not a model config. {damaged}") from None
+    except json.JSONDecodeError as exc:
+        raise SlmError(
+            f"{field}={path}: {file} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}). {damaged}"
+        ) from None
+    if not isinstance(config, dict):
+        raise SlmError(f"{field}={path}: {file} holds a JSON {type(config).__name__}, not an object. {damaged}")
+    model_type = config.get("model_type")
+    if not model_type:
+        raise SlmError(
+            f"{field}={path}: {file} has no \"model_type\", so transformers cannot tell the architecture. Add it "
+            "(e.g. \"model_type\": \"llama\" for a LlamaForCausalLM) or save the model again with save_pretrained."
+        )
+    return config
+
+
+def _check_weights(folder: Path, field: str, path: str) -> None:
+    """The safetensors weights transformers would load are all present and whole."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SlmError(
+                f"{field}={path}: {index.name} is damaged (no valid weight_map). Copy the model folder again, or "
+                "save the model again with save_pretrained."
+            ) from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise SlmError(
+                f"{field}={path}: {index.name} lists {len(shards)} weight file(s) but {', '.join(missing[:3])}"
+                f"{' and more' if len(missing) > 3 else ''} {'is' if len(missing) == 1 else 'are'} missing. "
+                "Copy the whole model folder again."
+            )
+        files = [folder / name for name in shards]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        pickles = sorted({f.name for pattern in PICKLE_WEIGHTS for f in folder.glob(pattern) if f.is_file()})
+        if pickles:
+            convert = (
+                f"python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
+            )
+            raise SlmError(
+                f"{field}={path} holds its weights only as {', '.join(pickles)}, a Python pickle, which can run "
+                "code when loaded; slm reads safetensors only and never unpickles. If you trust where the file "
+                f"came from, convert it once: {convert} (copy the tokenizer files too), and give "
+                f"{field}={path}-safetensors."
+            )
+        others = sorted(f.name for f in folder.glob("*.safetensors"))
+        what = next((why for name, why in NOT_A_MODEL.items() if (folder / name).is_file()), None)
+        raise SlmError(
+            f"{field}={path} has config.json but no model weights (no model.safetensors"
+            f"{', only ' + ', '.join(others) if others else ''}). "
+            + (f"It is {what}." if what else "Copy the weights into the folder, or save the model with save_pretrained.")
+        )
+    for file in files:
+        _check_safetensors(file, field, path)
+
+
+def _check_safetensors(file: Path, field: str, path: str) -> None:
+    """A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's
+    [start, end) byte offsets, then the data; a whole file ends exactly where the last tensor ends.
+    Reading the header alone finds a truncated or damaged file in microseconds."""
+    size = file.stat().st_size
+    fix = "Copy it again from where it came from (an interrupted copy or download leaves such a file), or save the model again."
+    try:
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError("the header runs past the end of the file")
+            header = json.loads(f.read(header_len))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise SlmError(f"{field}={path}: {file.name} is not a readable safetensors file ({exc}). {fix}") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        how = "cut short" if size < expected else "longer than its header says"
+        raise SlmError(
+            f"{field}={path}: {file.name} is {how}: its header describes {expected:,} bytes but the file has "
+            f"{size:,}. {fix}"
+        )
+
+
+def _check_tokenizer_files(folder: Path, field: str, path: str) -> None:
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    hint = ", or name a tokenizer folder with model.tokenizer=<folder>" if field == "model.name_or_path" else ""
+    if not present:
+        raise SlmError(
+            f"{field}={path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Save the model's tokenizer "
+            f"beside its weights (tokenizer.save_pretrained('{path}')), copy its tokenizer files there{hint}."
+        )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise SlmError(
+                    f"{field}={path}: {name} is damaged ({exc}). Copy the tokenizer files again, or save the "
+                    f"tokenizer again with tokenizer.save_pretrained('{path}'){hint}."
+                ) from None
+
+
+def _quantized_message(folder: Path, field: str, path: str, qc: dict) -> str:
+    """What kind of checkpoint this is, and the unquantized model to give instead (from slm.json's lineage)."""
+    from slm_cli.artifacts import read_metadata
+
+    try:
+        meta = read_metadata(folder, missing_ok=True) or {}
+    except (OSError, ValueError):
+        meta = {}
+    fmt = str(qc.get("format") or "")
+    kind = "an FP8" if "float" in fmt else "a quantized"
+    made_by = f" written by `slm {meta['stage']}`" if meta.get("stage") else ""
+    details = ", ".join(f"{k}={qc[k]}" for k in ("quant_method", "format") if qc.get(k))
+    source = next(
+        (par.get("path") or par.get("name") for par in meta.get("parents") or [] if isinstance(par, dict) and par.get("role") == "source"),
+        None,
+    )
+    instead = (
+        f"Give the unquantized model it was made from, {field}={source} (its source in slm.json)"
+        if source else "Give the unquantized model it was quantized from"
+    )
+    return (
+        f"{field}={path} is {kind} checkpoint{made_by} (config.json quantization_config: {details or qc}); this "
+        f"stage needs unquantized weights, which it can train, prune or quantize. {instead}. To score or time "
+        "the quantized model itself, use slm eval artifact=... or slm bench."
+    )
+
+
+def check_hub_model(name: str, field: str) -> None:
+    """A hub id is usable now: in the local cache when offline, else the hub answers within seconds.
+
+    transformers retries an unreachable hub for about a minute before it fails with a traceback.
+    So the hub is probed with one HTTP request (bounded at 2.5 s, DNS included); when it does not
+    answer, a model already in the local cache is used offline (HF_HUB_OFFLINE is set for
+    this process and those it starts) and any other id is refused at once.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    not_here = f"{field}={name} is not a folder here, so it was taken as a Hugging Face hub id"
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        raise SlmError(f"{field}={name}: no such folder, and not a valid hub id. Give the path of a model folder.") from None
+    local = f"Give the path of a model folder on this machine ({field}=/path/to/model)"
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return
+        raise SlmError(
+            f"{not_here}, but HF_HUB_OFFLINE is set and it is not in the local hub cache ({constants.HF_HUB_CACHE}). "
+            f"{local}, or unset HF_HUB_OFFLINE on a machine with network to download it."
+        )
+    why = hub_unreachable(constants.ENDPOINT)
+    if why is None:
+        return
+    if cached:
+        constants.HF_HUB_OFFLINE = True  # what transformers and huggingface_hub consult before any request
+        os.environ["HF_HUB_OFFLINE"] = "1"  # and processes started from here (launcher ranks, bench)
+        return
+    raise SlmError(
+        f"{not_here}, but the hub ({constants.ENDPOINT}) cannot be reached from this machine ({why}) and it is not in the "
+        f"local hub cache ({constants.HF_HUB_CACHE}). {local}, or download it where there is network "
+        f"(`hf download {name}`) and copy that folder here."
+    )
+
+
+def hub_unreachable(endpoint: str, timeout: float = 2.5) -> str | None:
+    """None when the hub at `endpoint` answers an HTTP request within `timeout` seconds (any status
+    counts: it is there), else why not. A TCP connection alone is not enough: firewalls and sandboxes
+    accept connections they never answer. urllib goes through the proxy the environment names, as
+    the hub client does, and the request runs in a thread so a hanging DNS lookup is bounded too."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)
+        except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, TLS failures
+            outcome.append(str(getattr(exc, "reason", exc)) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"

@@ -20,4 +20,5 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars on stderr, ahead of slm's own messages
     warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*use_reentrant.*")

@@ -62,7 +62,7 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     from slm_cli.data.corpus import write_atomic
     from slm_cli.errors import SlmError
     from slm_cli.evaluate import speed
-    from slm_cli.models import check_model_folder
+    from slm_cli.pretrained import check_model_folder
 
     # --- setup -------------------------------------------------------------------------------
     ui.console.print(ui.resolved_config_panel(resolved))

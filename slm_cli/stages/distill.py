@@ -22,6 +22,13 @@ def main(cfg) -> None:
 
 
 def run(cfg: DistillStageConfig, resolved: dict) -> dict:
+    from slm_cli.pretrained import check_model_folder
+
+    # model folders and hub ids first, before the heavy imports below: a bad one fails in about a second
+    for field, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
+        if path:
+            check_model_folder(path, field, quantized_ok=False)
+
     from dataclasses import asdict
     from functools import partial
 
@@ -43,9 +50,6 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     loop.seed_everything(cfg.seed)
     if dist.is_main():
         ui.console.print(ui.resolved_config_panel(resolved))
-    for field, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
-        if path:  # before any data is read, so a bad folder or hub id fails in seconds
-            models.check_model_folder(path, field, quantized_ok=False)
     splits = load_splits(
         cfg.data.source,
         train_size=cfg.data.train_size,

@@ -26,6 +26,14 @@ def main(cfg) -> None:
 
 
 def run(cfg: EvalStageConfig, resolved: dict) -> dict:
+    from slm_cli.pretrained import check_model_folder
+
+    # the model folder or hub id first, before the heavy imports below: a bad one fails in about a second
+    if cfg.artifact is not None:
+        check_model_folder(cfg.artifact, "artifact")
+    elif cfg.model.name_or_path:
+        check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer)
+
     import json
     import time
     from pathlib import Path
@@ -56,7 +64,6 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     )
     metric = choose_metric(data, cfg.eval.metric)
     if cfg.artifact is not None:
-        models.check_model_folder(cfg.artifact, "artifact")  # config, weights and tokenizer, before anything loads
         _refuse_checkpoint_code(cfg.artifact)
         name, dtype, trust = cfg.artifact, cfg.eval.dtype or "float32", False
         tokenizer_name = cfg.artifact
@@ -71,7 +78,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
             ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
         model = models.load_model(path, dtype, trust, field=field).eval()
         try:
-            tokenizer_field = "model.tokenizer" if cfg.model.tokenizer and not cfg.artifact else field
+            tokenizer_field = "model.tokenizer" if cfg.artifact is None and cfg.model.tokenizer else field
             tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust, field=tokenizer_field)
         except OSError as exc:
             raise SlmError(

@@ -94,6 +94,11 @@ def layer_rows(report) -> list[dict]:
 
 
 def run(cfg: PruneStageConfig, resolved: dict) -> dict:
+    from slm_cli.pretrained import check_model_folder
+
+    # the model folder first, before the heavy imports below: a bad one fails in about a second
+    source_path = check_model_folder(cfg.model_path, "model_path", quantized_ok=False)
+
     import dataclasses
     import math
     import time
@@ -115,7 +120,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     ui.console.print(ui.resolved_config_panel(resolved))
-    source = Path(models.check_model_folder(cfg.model_path, "model_path", quantized_ok=False))
+    source = Path(source_path)
     tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
     plan, note = make_plan(cfg.prune, config)

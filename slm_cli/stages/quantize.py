@@ -53,6 +53,11 @@ def layer_groups(rows: list[dict]) -> list[dict]:
 
 
 def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
+    from slm_cli.pretrained import check_model_folder
+
+    # the model folder first, before the heavy imports below: a bad one fails in about a second
+    source_path = check_model_folder(cfg.model_path, "model_path", quantized_ok=False)  # built-in names converted
+
     import json
     import math
     from pathlib import Path
@@ -71,7 +76,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ui.console.print(ui.resolved_config_panel(resolved))
-    source = Path(models.check_model_folder(cfg.model_path, "model_path", quantized_ok=False))  # built-ins converted
+    source = Path(source_path)
     tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
     model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     # a request that cannot succeed (ignore typo, block shapes) fails before any slow work

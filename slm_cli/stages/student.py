@@ -22,6 +22,14 @@ def main(cfg) -> None:
 
 
 def run(cfg: StudentStageConfig, resolved: dict) -> dict:
+    from slm_cli.pretrained import check_model_folder
+
+    # model folders and hub ids first, before the heavy imports below: a bad one fails in about a second
+    if cfg.teacher.path:
+        check_model_folder(cfg.teacher.path, "teacher.path", quantized_ok=False)
+    if cfg.student.init == "pretrained":
+        check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
+
     from dataclasses import asdict
     from functools import partial
 
@@ -41,10 +49,6 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     loop.seed_everything(cfg.seed)
     if dist.is_main():
         ui.console.print(ui.resolved_config_panel(resolved))
-    if cfg.teacher.path:  # before any data is read, so a bad folder or hub id fails in seconds
-        models.check_model_folder(cfg.teacher.path, "teacher.path", quantized_ok=False)
-    if cfg.student.init == "pretrained":
-        models.check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
     splits = load_splits(
         cfg.data.source,
         train_size=cfg.data.train_size,

@@ -19,6 +19,12 @@ def main(cfg) -> None:
 
 
 def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
+    from slm_cli.pretrained import check_model_folder
+
+    # the model folder or hub id first, before the heavy imports below: a bad one fails in about a second
+    if cfg.model.name_or_path:
+        check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
+
     from dataclasses import asdict
     from functools import partial
 
@@ -37,8 +43,6 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     loop.seed_everything(cfg.seed)
     if dist.is_main():
         ui.console.print(ui.resolved_config_panel(resolved))
-    if cfg.model.name_or_path:  # before any data is read, so a bad folder or hub id fails in seconds
-        models.check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
     splits = load_splits(
         cfg.data.source,
         train_size=cfg.data.train_size,

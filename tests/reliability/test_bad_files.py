@@ -350,7 +350,7 @@ def test_a_hub_id_with_no_network_fails_at_once(slm, tmp_path, capsys, no_hub, r
     err = " ".join(record_message(capsys.readouterr().err).split())
     assert "Traceback" not in err
     assert "model.name_or_path=someorg/some-model is not a folder here, so it was taken as a Hugging Face hub id" in err
-    assert "127.0.0.1:9 cannot be reached from this machine (no network?)" in err
+    assert "the hub (http://127.0.0.1:9) cannot be reached from this machine (" in err
     assert f"not in the local hub cache ({tmp_path}/hub)" in err and "hf download someorg/some-model" in err
     assert nothing_written(out)
 
