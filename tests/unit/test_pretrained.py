@@ -149,3 +149,68 @@ def test_smollm2_converts_and_generates():
     ids = tok(text, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     assert "5" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _tiny_folder(path, tok=None):
+    tok = tok or train_bpe_tokenizer([TEXT], vocab_size=300)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tok))
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_check_model_folder_reads_headers_not_weights(tmp_path):
+    """A whole folder passes; each safetensors file must end exactly where its header says."""
+    folder = _tiny_folder(tmp_path / "m")
+    assert pretrained.check_model_folder(str(folder), "model_path") == str(folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data + b"\0")
+    with pytest.raises(SlmError, match=r"model\.safetensors is longer than its header says"):
+        pretrained.check_model_folder(str(folder), "model_path")
+    weights.write_bytes(data[:4])
+    with pytest.raises(SlmError, match=r"model\.safetensors is not a readable safetensors file"):
+        pretrained.check_model_folder(str(folder), "model_path")
+    weights.write_bytes(b"{not a header")
+    with pytest.raises(SlmError, match=r"not a readable safetensors file"):
+        pretrained.check_model_folder(str(folder), "model_path")
+
+
+def test_check_model_folder_tokenizer_and_kind_are_optional(tmp_path):
+    folder = _tiny_folder(tmp_path / "m")
+    (folder / "tokenizer.json").unlink()
+    pretrained.check_model_folder(str(folder), "model_path", tokenizer=False)
+    with pytest.raises(SlmError, match=r"has no tokenizer"):
+        pretrained.check_model_folder(str(folder), "model_path")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized"}
+    (folder / "config.json").write_text(json.dumps(config))
+    pretrained.check_model_folder(str(folder), "artifact", tokenizer=False)  # eval and bench read quantized models
+    with pytest.raises(SlmError, match=r"is a quantized checkpoint \(config.json quantization_config: "
+                                       r"quant_method=compressed-tensors, format=int-quantized\).*quantized from"):
+        pretrained.check_model_folder(str(folder), "model_path", tokenizer=False, quantized_ok=False)
+
+
+def test_an_unreachable_hub_is_named_within_the_timeout():
+    assert "Connection refused" in pretrained.hub_unreachable("http://127.0.0.1:9")
+    assert pretrained.hub_unreachable("http://no-such-host.invalid", timeout=1.0)
+
+
+def test_a_cached_hub_model_switches_the_hub_client_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    commit = "0" * 40
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
+    _tiny_folder(snapshot)
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(SlmError, match=r"org/other is not a folder here.*\(http://127.0.0.1:9\) cannot be reached"):
+        pretrained.check_model_folder("org/other", "teacher.path")
+    assert constants.HF_HUB_OFFLINE is False
+    assert pretrained.check_model_folder("org/tiny", "teacher.path") == "org/tiny"
+    assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
