@@ -309,6 +309,9 @@ def check_model_folder(
     if not p.is_dir():
         raise SlmError(f"{field}={path}: no such folder. Give a folder holding config.json and weights, or a hub id.")
     if not (p / "config.json").is_file():
+        if tokenizer and not weights and any((p / name).is_file() for name in TOKENIZER_FILES):
+            _check_tokenizer_files(p, field, path)  # a tokenizer saved on its own has no config.json
+            return path
         what = next((why for name, why in NOT_A_MODEL.items() if (p / name).is_file()), None)
         raise SlmError(
             f"{field}={path} is {what}." if what else

@@ -214,3 +214,13 @@ def test_a_cached_hub_model_switches_the_hub_client_offline(tmp_path, monkeypatc
     assert constants.HF_HUB_OFFLINE is False
     assert pretrained.check_model_folder("org/tiny", "teacher.path") == "org/tiny"
     assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_tokenizer_saved_on_its_own_loads_without_config_json(tmp_path):
+    from slm_cli.models import load_tokenizer
+
+    tok = train_bpe_tokenizer([TEXT], vocab_size=300)
+    tok.save_pretrained(tmp_path / "tok")
+    assert len(load_tokenizer(str(tmp_path / "tok"), field="model.tokenizer")) == len(tok)
+    with pytest.raises(SlmError, match=r"model_path=.*/tok is not a model folder \(no config.json\)"):
+        pretrained.check_model_folder(str(tmp_path / "tok"), "model_path")
