@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from slm_cli import artifacts, faults
@@ -48,9 +49,41 @@ def storage_problem(exc: BaseException) -> str | None:
 
 def fail(message: str, code: int = 2) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]slm error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    _drop_empty_run_dir()
+    # escaped: a message quoting `key=[a,b]` must print as written, not as rich markup
+    Console(stderr=True).print(f"[bold red]slm error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def _drop_empty_run_dir() -> None:
+    """Remove Hydra's run folder of a failed run when it holds nothing but Hydra's own files.
+
+    A refused run leaves nothing behind; a run dir that holds anything else (a stopped training's
+    `artifact.work` with its checkpoints, a worker's files) is kept.
+    """
+    import shutil
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not inside a Hydra app (a library call, a test)
+        return
+    if not run_dir.is_dir() or is_worker():
+        return
+    if not all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:  # outputs/<stage>/ too, when this run made them and they are empty
+        if parent == cwd or not parent.is_relative_to(cwd):
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def resolved_dict(cfg: Any) -> dict:

@@ -340,3 +340,19 @@ def test_op_builds_go_to_this_environment(monkeypatch):
     assert path.is_relative_to(Path(sys.prefix)) or "slm-torch-extensions" in str(path)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")  # the user's own choice wins
     assert ops.use_private_extensions_dir() == Path("/somewhere/else")
+
+
+def test_a_refused_run_leaves_no_hydra_run_folder(slm, tmp_path, capsys):
+    """Errors found inside a stage (after Hydra made its run folder) leave nothing either."""
+    assert slm("quantize", f"model_path={tmp_path / 'missing'}", *QUANT) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_message_is_printed_as_written(slm, tmp_path, capsys):
+    """Square brackets in a message are text, not rich markup."""
+    from slm_cli.runner import fail
+
+    with pytest.raises(SystemExit):
+        fail("use key=[value1,value2] and [bold]x[/bold]")
+    assert "use key=[value1,value2] and [bold]x[/bold]" in capsys.readouterr().err
