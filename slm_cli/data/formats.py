@@ -186,7 +186,10 @@ def read_datasets_folder(path: str | Path) -> dict[str, list[dict]]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{path}: could not be read with datasets.load_from_disk ({exc}).") from None
+        raise DataError(
+            f"{path}: could not be read with datasets.load_from_disk ({exc}). The folder is damaged or incomplete: "
+            "copy it again, or write it again with save_to_disk."
+        ) from None
     named = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     return {
         split: _check_same_shape(

@@ -136,6 +136,15 @@ def split_folder(path: Path, train: list[dict], validation: bytes) -> Path:
     return path
 
 
+def truncated_dataset(path: Path) -> Path:
+    import datasets
+
+    datasets.Dataset.from_list(PC * 4).save_to_disk(str(path))
+    for arrow in path.glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    return path
+
+
 def data(t: Path, name: str, raw: bytes | str) -> list[str]:
     return ["data=jsonl", f"data.source={write(t / name, raw)}"]
 
@@ -248,6 +257,10 @@ CASES = {
         [*HF[:1], *TEACHER, "data=jsonl", f"data.source={write(t / 'mine' / 'rows.jsonl', jsonl_text(PC)).parent}"],
         [f"{t}/mine: folder holds rows.jsonl but no train.jsonl", f"data.source={t}/mine/rows.jsonl"],
     ),
+    "a datasets folder with a truncated .arrow file": lambda t, m: (
+        [*HF[:1], *TEACHER, "data=jsonl", f"data.source={truncated_dataset(t / 'ds')}"],
+        [f"{t}/ds: could not be read with datasets.load_from_disk", "copy it again, or write it again with save_to_disk"],
+    ),
     "a .txt file as data": lambda t, m: (
         [*HF[:1], *TEACHER, "data=jsonl", f"data.source={write(t / 'notes.txt', 'some prose')}"],
         [f"{t}/notes.txt: unsupported file type '.txt'", '{"text": str}'],
@@ -303,6 +316,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_file_is_refused_and_writes_nothing(slm, tmp_path, capsys, models, record_message, case):
     args, fragments = CASES[case](tmp_path, models)
+    capsys.readouterr()  # what building the bad files printed (datasets' progress bars) is not slm's message
     out = tmp_path / "out"
     rc = slm(*args, f"output_dir={out}")
     err = " ".join(record_message(capsys.readouterr().err).split())
