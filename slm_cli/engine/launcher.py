@@ -67,6 +67,7 @@ def relaunch(cfg, values: dict) -> int:
     pinned = {"hydra.run.dir": str(run_dir), "output_dir": str(Path(cfg.output_dir).resolve())}
     overrides = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in pinned]
     overrides += [f"{k}={v}" for k, v in pinned.items()]
+    overrides = _primary_config_flags(hc, cfg.stage) + overrides
     port = cfg.launcher.master_port or free_port()
     cmd = launch_command(cfg.stage, overrides, cfg.launcher.nproc_per_node, cfg.launcher.hostfile, port)
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}  # the launcher sets its own
@@ -76,6 +77,21 @@ def relaunch(cfg, values: dict) -> int:
         return subprocess.call(cmd, env=env)
     finally:
         clear_shm_buffers(port=port, min_age=0.0)  # DeepSpeed never unlinks its ranks' buffers
+
+
+def _primary_config_flags(hc, stage: str) -> list[str]:
+    """`--config-dir/--config-name` of a run whose primary config is not the stage's own (a preset).
+
+    `hc.overrides.task` holds only the key=value overrides; without these flags the ranks would
+    compose the plain stage config and train something other than what the user asked for.
+    """
+    name = hc.job.config_name
+    if not name or name == stage:
+        return []
+    dirs = [src.path for src in hc.runtime.config_sources if src.provider == "command-line"]
+    if not dirs:
+        return []
+    return ["--config-dir", dirs[0].removeprefix("file://"), "--config-name", name]
 
 
 def _accelerator() -> str:
