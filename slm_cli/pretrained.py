@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,7 @@ def _is_converted(folder: Path) -> bool:
         return False
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
     """The local HF folder to load for `name_or_path`, converting a built-in name or GGUF file once.
 
     `smollm2-135m-instruct` -> ``$SLM_CACHE/models/smollm2-135m-instruct``; ``x.gguf`` ->
@@ -135,7 +136,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if str(name_or_path).lower().endswith(".gguf"):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise SlmError(f"model.name_or_path={name_or_path}: no such GGUF file. Give the path of a .gguf file.")
+            raise SlmError(f"{field}={name_or_path}: no such GGUF file. Give the path of a .gguf file.")
         target = gguf_target_dir(path)
         if not _is_converted(target):
             convert_gguf(path, target, source_name=str(path.resolve()))
@@ -153,10 +154,12 @@ def load_gguf(gguf_path: str | Path, dtype=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error) as exc:
+        # struct.error and IndexError: the gguf reader ran past the end of a file cut short
         raise SlmError(
-            f"{gguf_path} could not be read as a GGUF causal LM by transformers ({exc}). "
-            "Only architectures transformers maps from GGUF (llama, mistral, qwen2, qwen3, ...) are supported."
+            f"{gguf_path} could not be read as a GGUF causal LM by transformers ({exc}). If the file was cut short "
+            "or damaged in a copy or download, copy it again. Only architectures transformers maps from GGUF "
+            "(llama, mistral, qwen2, qwen3, ...) are supported."
         ) from exc
     return model, tokenizer
 
@@ -296,7 +299,7 @@ def check_model_folder(
     is refused unless `quantized_ok`. Hub ids: see `check_hub_model`. Every error names the field,
     the path and the fix. Returns the folder to load (a built-in name or .gguf file converted once).
     """
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, field)
     if not looks_local(path):
         check_hub_model(path, field)
         return path

@@ -241,6 +241,14 @@ CASES = {
         ["prune", f"model_path={m['pickle_only']}", *PRUNE],
         [f"model_path={m['pickle_only']} holds its weights only as pytorch_model.bin"],
     ),
+    "a GGUF file cut short: prune model_path": lambda t, m: (
+        ["prune", f"model_path={write(t / 'tiny.gguf', b'GGUF' + (3).to_bytes(4, 'little') + b'cut')}", *PRUNE],
+        [f"{t}/tiny.gguf could not be read as a GGUF causal LM", "If the file was cut short or damaged in a copy"],
+    ),
+    "a .gguf path that does not exist: quantize model_path": lambda t, m: (
+        ["quantize", f"model_path={t}/nope.gguf", *QUANT],
+        [f"model_path={t}/nope.gguf: no such GGUF file"],
+    ),
     "a file where the model folder belongs: quantize": lambda t, m: (
         ["quantize", f"model_path={m['good']}/config.json", *QUANT],
         [f"model_path={m['good']}/config.json is a file, not a model folder. Give the folder that holds it: model_path={m['good']}"],
