@@ -298,6 +298,10 @@ CASES = {
         ["the training set has 7 example(s) after encoding, fewer than one batch (train.micro_batch_size=16 x 1 process(es))",
          "lower train.micro_batch_size to 7 or less"],
     ),
+    "fewer training examples than one batch: distill": lambda t, m: (
+        ["distill", f"teacher.path={m['good']}", *FAST, *data(t, "few.jsonl", jsonl_text(PC)), "train.micro_batch_size=8"],
+        ["the training set has 7 example(s) after encoding, fewer than one batch (train.micro_batch_size=8 x 1 process(es))"],
+    ),
     "every validation example longer than data.max_seq_len": lambda t, m: (
         [*HF[:1], *TEACHER, "data=jsonl", f"data.source={split_folder(t / 'splits', PC * 4, LONG_VALIDATION)}",
          "data.max_seq_len=48"],
