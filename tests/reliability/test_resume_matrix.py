@@ -32,7 +32,8 @@ LAYOUTS = {
     "zero2": ["deepspeed=zero2"],
     "zero2-offload": ["deepspeed=zero2-offload"],
     "zero3": ["deepspeed=zero3"],
-    "zero3-offload": ["deepspeed=zero3-offload"],
+    "zero3-offload-optimizer": ["deepspeed=zero3", "deepspeed.offload_optimizer=cpu"],
+    "zero3-offload": ["deepspeed=zero3-offload"],  # parameters and optimizer state
 }
 PRECISIONS = {"fp32": [], "bf16": ["train.precision=bf16"]}
 # after-save: killed right after the checkpoint of step KILL_AT is complete, so the rerun resumes there.

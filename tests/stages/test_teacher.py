@@ -164,10 +164,14 @@ def checkpoint_state(tag_dir: Path) -> dict:
     "layout",
     [
         ["deepspeed=zero0"],  # a plain torch AdamW: slm drops the gradients itself
-        pytest.param(["deepspeed=zero2-offload"], marks=pytest.mark.slow),  # DeepSpeed's CPU Adam
         ["deepspeed=zero3", "train.precision=bf16"],  # DeepSpeed's own overflow check, bf16 master weights
+        pytest.param(["deepspeed=zero0", "train.precision=bf16"], marks=pytest.mark.slow),
+        pytest.param(["deepspeed=zero1"], marks=pytest.mark.slow),
+        pytest.param(["deepspeed=zero2"], marks=pytest.mark.slow),
+        pytest.param(["deepspeed=zero2-offload"], marks=pytest.mark.slow),  # DeepSpeed's CPU Adam
+        pytest.param(["deepspeed=zero3-offload"], marks=pytest.mark.slow),
     ],
-    ids=["zero0", "zero2-offload", "zero3-bf16"],
+    ids=["zero0", "zero3-bf16", "zero0-bf16", "zero1", "zero2", "zero2-offload", "zero3-offload"],
 )
 def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, layout):
     out = tmp_path / "skipping"
