@@ -304,9 +304,10 @@ def train(
             # ZeRO-0); a plain torch optimizer (ZeRO-0, fp32) had its gradients dropped above instead.
             applied = engine.was_step_applied()
             if not applied:
-                grad_norm = grad_norm if not math.isfinite(grad_norm) else float("nan")  # ZeRO-3 keeps a stale norm
-                if engine.lr_scheduler is not None:
-                    engine.lr_scheduler.step()  # the schedule follows the step index whatever the stage
+                if math.isfinite(grad_norm):  # a skipped step has no finite norm, whatever a wrapper reports
+                    grad_norm = float("nan")
+                if engine.lr_scheduler is not None:  # DeepSpeed holds it back; slm's schedule follows the step index
+                    engine.lr_scheduler.step()
             step_loss = float(step_sum) / n_target
             nonfinite = not (applied and math.isfinite(step_loss) and math.isfinite(grad_norm))
             skipped_steps += nonfinite
