@@ -447,7 +447,7 @@ def _check_tokenizer_files(folder: Path, field: str, path: str) -> None:
     if not present:
         raise SlmError(
             f"{field}={path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Save the model's tokenizer "
-            f"beside its weights (tokenizer.save_pretrained('{path}')), copy its tokenizer files there{hint}."
+            f"beside its weights (tokenizer.save_pretrained('{path}')) or copy its tokenizer files there{hint}."
         )
     for name in ("tokenizer.json", "tokenizer_config.json"):
         file = folder / name
@@ -483,7 +483,8 @@ def _quantized_message(folder: Path, field: str, path: str, qc: dict) -> str:
     )
     return (
         f"{field}={path} is {kind} checkpoint{made_by} (config.json quantization_config: {details or qc}); this "
-        f"stage needs unquantized weights, which it can train, prune or quantize. {instead}. To score or time "
+        f"stage reads unquantized weights only (quantized ones cannot be trained, pruned or quantized again). "
+        f"{instead}. To score or time "
         "the quantized model itself, use slm eval artifact=... or slm bench."
     )
 

@@ -143,9 +143,9 @@ def encode_example(example: dict, tokenizer, max_seq_len: int) -> EncodedExample
 
 # How to give a split more examples, by split: shown when one is empty or smaller than a batch.
 _MORE_DATA = {
-    "train": "raise data.train_size (built-in tasks), or add records to the file",
-    "validation": "set data.val_size >= 1 (built-in tasks), data.val_fraction > 0 (a file without a validation "
-    "split), or add records to validation.jsonl",
+    "train": "raise data.train_size for a built-in task, or add records to your file",
+    "validation": "set data.val_size >= 1 for a built-in task, data.val_fraction > 0 for a file without a "
+    "validation split, or add records to validation.jsonl",
 }
 
 
@@ -184,8 +184,8 @@ def check_batch_fits(train_examples: int, micro_batch_size: int, processes: int 
         most = max(1, train_examples // processes)
         raise DataError(
             f"the training set has {train_examples} example(s) after encoding, fewer than one batch "
-            f"(train.micro_batch_size={micro_batch_size} x {processes} process(es)). Add data ({_MORE_DATA['train']}) "
-            f"or lower train.micro_batch_size to {most} or less."
+            f"(train.micro_batch_size={micro_batch_size} x {processes} process(es)). Add training data "
+            f"({_MORE_DATA['train']}), or lower train.micro_batch_size to {most} or less."
         )
 
 
