@@ -189,8 +189,8 @@ CASES = {
         ["eval", f"artifact={m['truncated']}", "data.test_size=2"],
         [f"artifact={m['truncated']}: model.safetensors is cut short"],
     ),
-    "truncated weights: bench artifacts": lambda t, m: (
-        ["bench", f"artifacts=[{m['truncated']}]"],
+    "truncated weights: bench folder": lambda t, m: (
+        ["bench", str(m["truncated"])],
         [f"artifacts[0]={m['truncated']}: model.safetensors is cut short"],
     ),
     "a shard listed in the index is missing: prune": lambda t, m: (
