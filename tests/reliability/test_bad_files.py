@@ -233,6 +233,10 @@ CASES = {
         [f"model.name_or_path={m['pickle_only']} holds its weights only as pytorch_model.bin, a Python pickle",
          "slm reads safetensors only and never unpickles", f"save_pretrained('{m['pickle_only']}-safetensors')"],
     ),
+    "pickle-only weights: student model.name_or_path (init=pretrained)": lambda t, m: (
+        ["student", f"teacher.path={m['good']}", "student.init=pretrained", f"model.name_or_path={m['pickle_only']}", *FAST],
+        [f"model.name_or_path={m['pickle_only']} holds its weights only as pytorch_model.bin"],
+    ),
     "pickle-only weights: eval artifact": lambda t, m: (
         ["eval", f"artifact={m['pickle_only']}", "data.test_size=2"],
         [f"artifact={m['pickle_only']} holds its weights only as pytorch_model.bin"],
