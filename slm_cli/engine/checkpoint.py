@@ -1,7 +1,7 @@
 """Resume checkpoints: save them, sign them, keep the last two, and load only what this user's slm wrote.
 
-Why signing. DeepSpeed's checkpoint files are pickles, and its loader unpickles them with
-`torch.load(weights_only=False)`: loading a checkpoint runs whatever code it names. A folder
+Why signing. DeepSpeed's checkpoint files are pickles, and its loader unpickles them in full
+(torch's loader with weights_only off): loading a checkpoint runs whatever code it names. A folder
 `<output_dir>.work/checkpoints` that someone else put there (an unpacked archive, a shared
 disk, a copied project) would run their code on `resume`. So every checkpoint tag `step<N>`
 gets a marker, `step<N>/slm_resume.json`, listing the sha256 of each file of the tag with
