@@ -188,3 +188,17 @@ def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, l
     rows = metrics_rows(out)
     assert [(r["step"], r["skipped"]) for r in rows] == [(1, False), (2, True), (3, True), (4, True)]
     assert meta(out)["metrics"]["skipped_steps"] == 3, "counted over the whole run, across the resume"
+
+
+@pytest.mark.slow
+def test_skip_step_on_two_processes_agrees_across_ranks(tmp_path):
+    """Every rank takes the same skip decision (a rank that alone stepped or stopped would hang the others)."""
+    out = tmp_path / "ddp"
+    proc = run_cli(
+        ["teacher", *EXPLODE, "launcher=ddp2", "deepspeed=zero2", "train.micro_batch_size=8", "train.max_steps=4",
+         "train.nonfinite=skip_step", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["skipped"] for r in metrics_rows(out)] == [False, True, True, True]
+    assert meta(out)["metrics"]["skipped_steps"] == 3
