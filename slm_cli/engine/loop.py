@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -27,20 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slm_cli import faults
 from slm_cli.engine import checkpoint, cpu_adam
 from slm_cli.engine import distributed as dist
 from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config
 from slm_cli.errors import SlmError
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
-# Test-only fault injection: SIGKILL this process right after the checkpoint of step N is saved.
-CRASH_ENV = "SLM_TEST_CRASH_AFTER_STEP"
-# Test-only: after step N is logged, wait for SIGTERM/SIGINT, so a signal test interrupts training
-# at a known point however fast the steps run (a tiny model can finish before the signal arrives).
-PAUSE_ENV = "SLM_TEST_PAUSE_AFTER_STEP"
-# Test-only: SIGKILL this process in the middle of the checkpoint save of step N, right after DeepSpeed
-# wrote the first file of it (the model states), before the optimizer states, `latest` and the marker.
-CRASH_IN_SAVE_ENV = "SLM_TEST_CRASH_IN_SAVE_AT_STEP"
 
 
 def sft_loss(engine, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -339,8 +331,8 @@ def train(
                 progress.update(task, advance=1, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{last['tokens_per_s']:,.0f}")
             if nonfinite and tcfg.nonfinite == "stop":
                 raise SlmError(_nonfinite_message(step + 1, step_loss, grad_norm, tcfg, ckpt_dir))
-            if os.environ.get(PAUSE_ENV) == str(step + 1):
-                _wait_for_signal(interrupted)
+            # a signal test interrupts training here, at a known step, however fast the steps run
+            faults.point(f"after-step:{step + 1}", until=lambda: interrupted["signal"] is not None)
             want_ckpt = tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.max_steps
             if want_ckpt or interrupted["signal"] is not None:
                 if not _weights_finite(engine):
@@ -351,12 +343,11 @@ def train(
                     "train_seconds": time.perf_counter() - t_start,
                     "skipped_steps": skipped_steps,
                 }
-                if os.environ.get(CRASH_IN_SAVE_ENV) == str(step + 1):
+                if faults.kill_armed(f"in-checkpoint:{step + 1}"):
                     _die_after_first_checkpoint_file(engine)
                 checkpoint.save(engine, ckpt_dir, step + 1, config_hash=config_hash,
                                 client_state={"step": step + 1, "rng": _rng_state(), "run_totals": totals})
-                if os.environ.get(CRASH_ENV) == str(step + 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                faults.point(f"after-checkpoint:{step + 1}")
             if interrupted["signal"] is not None:
                 raise SlmError(_stopped_message(interrupted["signal"], step + 1, tcfg.max_steps, ckpt_dir, work_dir))
     finally:
@@ -404,12 +395,6 @@ def _row_step(line: str) -> float:
         return json.loads(line).get("step", math.inf)
     except ValueError:
         return math.inf
-
-
-def _wait_for_signal(interrupted: dict, limit_s: float = 600.0) -> None:
-    deadline = time.monotonic() + limit_s  # never hang a test run for good
-    while interrupted["signal"] is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # a signal cuts the sleep short; the handler has set the flag by then
 
 
 def _stopped_message(signum: int, step: int, max_steps: int, ckpt_dir: Path, work_dir: Path) -> str:
@@ -479,13 +464,13 @@ def _nonfinite_message(step: int, loss: float, grad_norm: float, tcfg, ckpt_dir:
 
 
 def _die_after_first_checkpoint_file(engine) -> None:
-    """Test-only (CRASH_IN_SAVE_ENV): a power cut in the middle of a checkpoint save."""
+    """Test-only (point `in-checkpoint:N`): a power cut in the middle of a checkpoint save."""
     ck = engine.checkpoint_engine
     save = ck.save
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)
+        faults.kill()
 
     ck.save = save_then_die
 

@@ -60,11 +60,11 @@ CASES = {
     ),
     "missing model path": (
         lambda t, f: ["teacher", "model=hf", f"model.name_or_path={t}/nope", *FAST],
-        [f"model.name_or_path={{t}}/nope: no such folder", "Give a folder holding config.json and weights"],
+        ["model.name_or_path={t}/nope: no such folder", "Give a folder holding config.json and weights"],
     ),
     "a folder that is not a model": (
         lambda t, f: ["quantize", f"model_path={not_a_model(t)}"],
-        [f"model_path={{t}}/notes is not a model folder (no config.json)", "Point it at a folder written by save_pretrained"],
+        ["model_path={t}/notes is not a model folder (no config.json)", "Point it at a folder written by save_pretrained"],
     ),
     "malformed JSONL line": (
         lambda t, f: ["teacher", *TEACHER, *jsonl_data(t, MALFORMED)],

@@ -37,7 +37,7 @@ def crashed(tmp_path_factory):
     """A run killed (SIGKILL) right after step 4's checkpoint: its work folder, kept pristine to copy from."""
     root = tmp_path_factory.mktemp("crashed")
     args = ["teacher", *RUN, "train.save_every=1", f"output_dir={root}/run", f"hydra.run.dir={root}/logs"]
-    proc = cli(args, cwd=root, env=cli_env(SLM_TEST_CRASH_AFTER_STEP=str(CRASH)))
+    proc = cli(args, cwd=root, env=cli_env(SLM_TEST_KILL_AT=f"after-checkpoint:{CRASH}"))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     shutil.copytree(root / "run.work", root / "pristine.work")
     return {"root": root, "args": args}
@@ -174,7 +174,7 @@ def test_signing_key_is_private_and_refused_when_others_can_read_it(tmp_path, mo
 def test_rerunning_the_default_command_continues_the_interrupted_run(slm, tmp_path, straight, capsys, record_message):
     """No output_dir, no hydra.run.dir: each run gets outputs/teacher/<timestamp>/artifact."""
     args = ["teacher", *RUN]
-    proc = start(args, cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AFTER_STEP="1"))
+    proc = start(args, cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AT="after-step:1"))
     try:
         metrics = _wait_for_file(tmp_path, "outputs/teacher/*/artifact.work/metrics.jsonl", proc)
         wait_for_rows(metrics, proc, rows=1)

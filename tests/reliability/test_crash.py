@@ -43,7 +43,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_model(slm, tmp_path
     k = random.Random(SEED).randint(1, STEPS - 1)
     out, work = tmp_path / "killed", tmp_path / "killed.work"
     args = ["teacher", *RUN, "train.save_every=1", f"output_dir={out}"]
-    proc = cli([*args, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_CRASH_AFTER_STEP=str(k)))
+    proc = cli([*args, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_KILL_AT=f"after-checkpoint:{k}"))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (work / "checkpoints" / f"step{k}").is_dir()
 
@@ -70,7 +70,7 @@ def test_signal_saves_a_checkpoint_exits_and_the_rerun_continues(slm, tmp_path, 
     args = ["teacher", *RUN, f"output_dir={out}"]  # no save_every: the signal alone makes the checkpoint
     # The run waits after step 1 until the signal comes, so however fast the machine the signal lands in
     # training (a tiny run could otherwise finish all its steps before the signal).
-    proc = start([*args, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AFTER_STEP="1"))
+    proc = start([*args, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AT="after-step:1"))
     try:
         wait_for_rows(work / "metrics.jsonl", proc, rows=1)
         proc.send_signal(sig)

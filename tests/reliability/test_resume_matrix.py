@@ -41,9 +41,9 @@ PRECISIONS = {"fp32": [], "bf16": ["train.precision=bf16"]}
 # after-save: killed right after the checkpoint of step KILL_AT is complete, so the rerun resumes there.
 # mid-save: killed once DeepSpeed has written the first file of that checkpoint (model states), before
 # the optimizer states, `latest` and slm's marker: the rerun falls back to the checkpoint of the step before.
-FAULTS = {
-    "after-save": ("SLM_TEST_CRASH_AFTER_STEP", KILL_AT),
-    "mid-save": ("SLM_TEST_CRASH_IN_SAVE_AT_STEP", KILL_AT - 1),
+FAULTS = {  # fault -> (the point slm_cli.faults kills at, the step the rerun resumes from)
+    "after-save": (f"after-checkpoint:{KILL_AT}", KILL_AT),
+    "mid-save": (f"in-checkpoint:{KILL_AT}", KILL_AT - 1),
 }
 DEFAULT = {("zero2-offload", "fp32", "after-save"), ("zero3-offload", "bf16", "mid-save"), ("zero1", "bf16", "mid-save")}
 
@@ -75,11 +75,11 @@ def test_kill_then_rerun_gives_the_uninterrupted_weights_bit_for_bit(
 ):
     args = [*TEACHER, f"train.max_steps={STEPS}", *LAYOUTS[layout], *PRECISIONS[precision]]
     straight = straight_run(tmp_path_factory, args)
-    env_var, resume_step = FAULTS[fault]
+    kill_point, resume_step = FAULTS[fault]
     out = tmp_path / "killed"
     command = ["teacher", *args, "train.save_every=1", f"output_dir={out}"]
 
-    proc = cli([*command, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(**{env_var: str(KILL_AT)}))
+    proc = cli([*command, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_KILL_AT=kill_point))
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not out.exists()
     capsys.readouterr()

@@ -65,7 +65,7 @@ def test_resume_after_kill_matches_uninterrupted(slm, tmp_path):
     common = ["model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=8", "train.save_every=4", "deepspeed=zero2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert slm("teacher", *common, f"output_dir={straight}") == 0
-    env = dict(os.environ, SLM_TEST_CRASH_AFTER_STEP="4")
+    env = dict(os.environ, SLM_TEST_KILL_AT="after-checkpoint:4")
     proc = run_cli(["teacher", *common, f"output_dir={resumed}", f"hydra.run.dir={tmp_path}/logs"], env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed hard right after the step-4 checkpoint
     assert not resumed.exists(), "a killed run must not leave an artifact"
@@ -176,7 +176,7 @@ def checkpoint_state(tag_dir: Path) -> dict:
 def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, layout):
     out = tmp_path / "skipping"
     command = ["teacher", *EXPLODE, *layout, "train.max_steps=4", "train.nonfinite=skip_step", f"output_dir={out}"]
-    proc = run_cli([*command, f"hydra.run.dir={tmp_path}/logs"], env=dict(os.environ, SLM_TEST_CRASH_AFTER_STEP="2"))
+    proc = run_cli([*command, f"hydra.run.dir={tmp_path}/logs"], env=dict(os.environ, SLM_TEST_KILL_AT="after-checkpoint:2"))
     assert proc.returncode == -9, proc.stderr[-3000:]
     ckpts = tmp_path / "skipping.work" / "checkpoints"
     after1, after2 = checkpoint_state(ckpts / "step1"), checkpoint_state(ckpts / "step2")
