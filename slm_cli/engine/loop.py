@@ -362,6 +362,14 @@ def train(
             engine, val_set, collate, tcfg.micro_batch_size, tcfg.eval_batches, sft_loss
         )
     elapsed = time.perf_counter() - t_start
+    if skipped_steps and dist.is_main():
+        from slm_cli.ui import console
+
+        # finite weights are published either way; a run that skipped much of its training may still be useless
+        console.print(
+            f"[yellow]warning:[/yellow] {skipped_steps} of {tcfg.max_steps} steps had a non-finite loss or gradient norm "
+            f"and were skipped (train.nonfinite=skip_step); check val_loss before using this model."
+        )
     metrics = {
         "steps": tcfg.max_steps,
         "train_loss": last.get("loss", float("nan")),

@@ -173,7 +173,7 @@ def checkpoint_state(tag_dir: Path) -> dict:
     ],
     ids=["zero0", "zero3-bf16", "zero0-bf16", "zero1", "zero2", "zero2-offload", "zero3-offload"],
 )
-def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, layout):
+def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, capsys, layout):
     out = tmp_path / "skipping"
     command = ["teacher", *EXPLODE, *layout, "train.max_steps=4", "train.nonfinite=skip_step", f"output_dir={out}"]
     proc = run_cli([*command, f"hydra.run.dir={tmp_path}/logs"], env=dict(os.environ, SLM_TEST_KILL_AT="after-checkpoint:2"))
@@ -188,6 +188,7 @@ def test_skip_step_leaves_weights_and_optimizer_state_untouched(slm, tmp_path, l
     rows = metrics_rows(out)
     assert [(r["step"], r["skipped"]) for r in rows] == [(1, False), (2, True), (3, True), (4, True)]
     assert meta(out)["metrics"]["skipped_steps"] == 3, "counted over the whole run, across the resume"
+    assert "3 of 4 steps had a non-finite loss or gradient norm and were skipped" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.slow
