@@ -48,8 +48,12 @@ def test_existing_output_refused_then_overwritten(slm, tmp_path):
     (out / "keep.txt").write_text("old")
     assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, f"output_dir={out}") == 2
     assert (out / "keep.txt").read_text() == "old"
-    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=2", f"output_dir={out}", "overwrite=true") == 0
+    # overwrite=true replaces only slm's own output; a folder of the user's needs overwrite=force
+    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=2", f"output_dir={out}", "overwrite=true") == 2
+    assert (out / "keep.txt").read_text() == "old"
+    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=2", f"output_dir={out}", "overwrite=force") == 0
     assert not (out / "keep.txt").exists() and (out / "slm.json").is_file()
+    assert slm("teacher", "model=tiny-llama", *SMALL_MODEL, *FAST, "train.max_steps=2", f"output_dir={out}", "overwrite=true") == 0
 
 
 def test_sweep_writes_separate_artifacts(slm, tmp_path):
