@@ -135,8 +135,12 @@ def _claim_output(output_dir: str, overwrite: bool | str, values: dict):
     return lock
 
 
-def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
-    """Validate `cfg` against `schema`, refuse to clobber outputs, relaunch if multi-process, run `work`."""
+def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any], check: Callable[[Any], None] | None = None) -> Any:
+    """Validate `cfg` against `schema`, refuse to clobber outputs, relaunch if multi-process, run `work`.
+
+    `check(cfg)` checks the stage's inputs (model folders) once, in the first process, before the
+    launcher starts ranks that would each load them and report the same error.
+    """
     typed = None
     try:
         values = resolved_dict(cfg)
@@ -154,6 +158,8 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any]) -> Any:
             if lock is None:
                 return None
         try:
+            if check is not None and not is_worker():
+                check(typed)
             launcher = getattr(typed, "launcher", None)  # stages that do not train run in one process
             if launcher is not None and not is_worker():
                 from slm_cli.engine.launcher import needs_relaunch, relaunch

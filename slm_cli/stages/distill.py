@@ -18,17 +18,20 @@ from slm_cli.runner import run_stage
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="distill", version_base="1.3")
 def main(cfg) -> None:
-    run_stage(cfg, DistillStageConfig, run)
+    run_stage(cfg, DistillStageConfig, run, check=check_inputs)
 
 
-def run(cfg: DistillStageConfig, resolved: dict) -> dict:
+def check_inputs(cfg: DistillStageConfig) -> None:
+    """The model folders (or hub ids) this stage reads, checked before anything heavy is imported and,
+    for a multi-process run, before the launcher starts: a bad one fails in about a second."""
     from slm_cli.pretrained import check_model_folder
 
-    # model folders and hub ids first, before the heavy imports below: a bad one fails in about a second
     for field, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
         if path:
             check_model_folder(path, field, quantized_ok=False)
 
+
+def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     from dataclasses import asdict
     from functools import partial
 

@@ -15,16 +15,19 @@ from slm_cli.runner import run_stage
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="teacher", version_base="1.3")
 def main(cfg) -> None:
-    run_stage(cfg, TeacherStageConfig, run)
+    run_stage(cfg, TeacherStageConfig, run, check=check_inputs)
 
 
-def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
+def check_inputs(cfg: TeacherStageConfig) -> None:
+    """The model folders (or hub ids) this stage reads, checked before anything heavy is imported and,
+    for a multi-process run, before the launcher starts: a bad one fails in about a second."""
     from slm_cli.pretrained import check_model_folder
 
-    # the model folder or hub id first, before the heavy imports below: a bad one fails in about a second
     if cfg.model.name_or_path:
         check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
 
+
+def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     from dataclasses import asdict
     from functools import partial
 

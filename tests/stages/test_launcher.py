@@ -18,3 +18,17 @@ def test_ranks_run_the_preset_the_user_chose(tmp_path):
     assert config["launcher"]["nproc_per_node"] == 2
     assert config["deepspeed"]["zero_stage"] == 2 and config["deepspeed"]["offload_optimizer"] == "cpu"  # the preset's
     assert config["train"]["gradient_checkpointing"] is True
+
+
+def test_a_bad_model_folder_is_refused_before_the_ranks_start(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    proc = run_cli(
+        ["teacher", "launcher=ddp2", "model=hf", f"model.name_or_path={tmp_path / 'model'}", f"output_dir={tmp_path / 'out'}",
+         f"hydra.run.dir={tmp_path}/logs"],
+        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("config.json is not valid JSON") == 1  # said once, by the first process
+    assert "launch.py" not in proc.stdout + proc.stderr  # the deepspeed launcher never started
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
