@@ -127,18 +127,31 @@ def split_chunks(chunks: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and an atomic rename."""
+def write_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """Write `text` to `path` through a temp file in the same folder and an atomic rename.
+
+    `durable`: also flush the file and its folder to disk, so after a power cut the path holds the
+    whole new text or the old one (a checkpoint's marker needs this; a cache file does not).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; cached text is meant to be shared like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def corpus_path(name: str, split: str) -> Path:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slm_cli.data.corpus import write_atomic
 from slm_cli.errors import SlmError
 from slm_cli.paths import RECIPE_DIR, cache_dir
 
@@ -173,7 +174,7 @@ def _write_marker(tag_dir: Path, step: int, config_hash: str) -> None:
         files[str(path.relative_to(tag_dir))] = _sha256(path, sync=True)
     body = {"tag": tag_dir.name, "step": step, "config_hash": config_hash, "files": files}
     key = signing_key(create=True)
-    _atomic_write(tag_dir / MARKER, json.dumps({**body, "signature": _sign(key, body)}, indent=1))
+    write_atomic(tag_dir / MARKER, json.dumps({**body, "signature": _sign(key, body)}, indent=1), durable=True)
 
 
 def _drop_old(ckpt_dir: Path, step: int) -> None:
@@ -202,20 +203,6 @@ def _sha256(path: Path, sync: bool = False) -> str:
         if sync:
             os.fsync(f.fileno())
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- verifying and loading -----------------------------------------------------------------------
