@@ -234,7 +234,7 @@ def check_finite(folder: str | Path) -> None:
         )
 
 
-def commit(staging: Path, output_dir: str | Path, overwrite: bool | str, keep_work: bool = False) -> Path:
+def commit(staging: Path, output_dir: str | Path, overwrite: bool | str) -> Path:
     """Publish `staging` as `output_dir` in one atomic step, replacing the old one only when `overwrite`.
 
     The weights are checked for NaN/inf first. An existing output is swapped with the new one by
@@ -252,19 +252,17 @@ def commit(staging: Path, output_dir: str | Path, overwrite: bool | str, keep_wo
     # Names what is being published, so a run that finds `<output_dir>.work` beside an output_dir
     # holding exactly this knows the .work is only the leftovers of a finished publish (`leftovers_of`).
     (work_dir(out) / PUBLISHING).write_text(_identity(staging) or "")
+    faults.point("publish:before-swap")
     if os.path.lexists(out):
         if not overwrite:
             raise SlmError(f"output_dir {out} appeared while this run was working; the new artifact is kept in {staging}.")
-        faults.point("publish:before-swap")
         _exchange(staging, out)
         faults.point("publish:after-swap")
         shutil.rmtree(staging, ignore_errors=True)  # the old artifact
     else:
-        faults.point("publish:before-swap")
         os.replace(staging, out)
     faults.point("publish:after-rename")
-    if not keep_work:
-        shutil.rmtree(work_dir(out), ignore_errors=True)
+    shutil.rmtree(work_dir(out), ignore_errors=True)
     return out
 
 
