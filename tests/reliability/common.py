@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -53,11 +55,19 @@ def cli(args, cwd, env=None, timeout=300, preexec_fn=None) -> subprocess.Complet
     return run_cli(args, env=env, cwd=cwd, timeout=timeout, preexec_fn=preexec_fn)
 
 
-def start(args, cwd, env=None) -> subprocess.Popen:
-    return subprocess.Popen(
+@contextmanager
+def running(args, cwd, env=None) -> Iterator[subprocess.Popen]:
+    """`slm <args>` started in a fresh process, for a test to signal; killed on the way out if still alive."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "slm_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env or cli_env(), cwd=cwd,
     )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for_rows(metrics: Path, proc: subprocess.Popen, rows: int = 1, timeout: float = 240) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from slm_cli.engine import checkpoint
 from slm_cli.errors import SlmError
-from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, run_slm, slm_json, start, wait_for_rows
+from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, run_slm, running, slm_json, wait_for_rows
 
 pytestmark = pytest.mark.reliability
 
@@ -174,16 +174,11 @@ def test_signing_key_is_private_and_refused_when_others_can_read_it(tmp_path, mo
 def test_rerunning_the_default_command_continues_the_interrupted_run(slm, tmp_path, straight, capsys, record_message):
     """No output_dir, no hydra.run.dir: each run gets outputs/teacher/<timestamp>/artifact."""
     args = ["teacher", *RUN]
-    proc = start(args, cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AT="after-step:1"))
-    try:
+    with running(args, cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AT="after-step:1")) as proc:
         metrics = _wait_for_file(tmp_path, "outputs/teacher/*/artifact.work/metrics.jsonl", proc)
         wait_for_rows(metrics, proc, rows=1)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = " ".join(err.split())
     assert proc.returncode == 2, err[-3000:]
     record_message(err[err.find("slm error:"):])

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, run_slm, start, wait_for_rows
+from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, run_slm, running, wait_for_rows
 from tests.stages.helpers import FAST, metrics_rows
 
 pytestmark = pytest.mark.reliability
@@ -70,15 +70,10 @@ def test_signal_saves_a_checkpoint_exits_and_the_rerun_continues(slm, tmp_path, 
     args = ["teacher", *RUN, f"output_dir={out}"]  # no save_every: the signal alone makes the checkpoint
     # The run waits after step 1 until the signal comes, so however fast the machine the signal lands in
     # training (a tiny run could otherwise finish all its steps before the signal).
-    proc = start([*args, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AT="after-step:1"))
-    try:
+    with running([*args, f"hydra.run.dir={tmp_path}/logs"], cwd=tmp_path, env=cli_env(SLM_TEST_PAUSE_AT="after-step:1")) as proc:
         wait_for_rows(work / "metrics.jsonl", proc, rows=1)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 2, err[-3000:]
     found = re.search(rf"stopped by {sig.name} after step (\d+) of {STEPS}; checkpoint saved in (\S+)\.", " ".join(err.split()))
     assert found, err[-3000:]
@@ -96,18 +91,13 @@ def test_ctrl_c_outside_training_is_a_message_not_a_traceback(tmp_path, folders)
     out = tmp_path / "fp8"
     # The run waits at the start of its work until the signal comes: however fast the machine, the
     # signal lands outside training (a run that finished first used to make this test flaky).
-    proc = start(["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
-                 cwd=tmp_path, env=cli_env(PYTHONUNBUFFERED="1", SLM_TEST_PAUSE_AT="setup"))
-    try:
+    with running(["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
+                 cwd=tmp_path, env=cli_env(PYTHONUNBUFFERED="1", SLM_TEST_PAUSE_AT="setup")) as proc:
         for line in proc.stderr:
             if "slm-test: paused at setup" in line:
                 break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = " ".join(err.split())
     assert proc.returncode == 130, err[-3000:]
     assert "slm error: interrupted (Ctrl-C). output_dir was not touched" in err and "Traceback" not in err
