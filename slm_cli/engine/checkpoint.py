@@ -39,6 +39,7 @@ from typing import Any
 from slm_cli.data.corpus import write_atomic
 from slm_cli.errors import SlmError
 from slm_cli.paths import RECIPE_DIR, cache_dir
+from slm_cli.pretrained import file_sha256
 
 MARKER = "slm_resume.json"
 KEY_FILE = "resume.key"
@@ -171,7 +172,7 @@ def save(engine, ckpt_dir: Path, step: int, *, config_hash: str, client_state: d
 def _write_marker(tag_dir: Path, step: int, config_hash: str) -> None:
     files = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER):
-        files[str(path.relative_to(tag_dir))] = _sha256(path, sync=True)
+        files[str(path.relative_to(tag_dir))] = _synced_sha256(path)
     body = {"tag": tag_dir.name, "step": step, "config_hash": config_hash, "files": files}
     key = signing_key(create=True)
     write_atomic(tag_dir / MARKER, json.dumps({**body, "signature": _sign(key, body)}, indent=1), durable=True)
@@ -195,14 +196,11 @@ def clear(ckpt_dir: Path) -> None:
         (ckpt_dir / name).unlink(missing_ok=True)
 
 
-def _sha256(path: Path, sync: bool = False) -> str:
-    h = hashlib.sha256()
+def _synced_sha256(path: Path) -> str:
+    """The file's sha256, after making sure its bytes are on disk (what the signed marker vouches for)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
+        os.fsync(f.fileno())
+    return file_sha256(path)
 
 
 # --- verifying and loading -----------------------------------------------------------------------
@@ -254,7 +252,7 @@ def verify(tag_dir: Path, key: bytes | None) -> tuple[dict | None, Unusable | No
         path = tag_dir / rel
         if not path.is_file():
             return None, Unusable(name, f"its file {rel} is missing")
-        if not hmac.compare_digest(_sha256(path), str(digest)):
+        if not hmac.compare_digest(file_sha256(path), str(digest)):
             return None, Unusable(
                 name, f"its file {rel} ({path.stat().st_size} bytes) is not the file that was saved (truncated or changed)"
             )

@@ -14,6 +14,7 @@ import pytest
 
 from slm_cli.engine import checkpoint
 from slm_cli.errors import SlmError
+from slm_cli.pretrained import file_sha256
 from tests.reliability.common import TEACHER, cli, cli_env, max_weight_diff, run_slm, running, slm_json, wait_for_rows
 
 pytestmark = pytest.mark.reliability
@@ -132,7 +133,7 @@ def test_a_checkpoint_not_signed_by_this_user_is_never_unpickled(slm, crashed, c
     victim = biggest_file(older)
     victim.write_bytes(pickle.dumps(_Planted(ran)))
     marker = json.loads((older / checkpoint.MARKER).read_text())
-    marker["files"][victim.name] = checkpoint._sha256(victim)
+    marker["files"][victim.name] = file_sha256(victim)
     body = {k: marker[k] for k in ("tag", "step", "config_hash", "files")}
     marker["signature"] = checkpoint._sign(b"k" * 32, body)
     (older / checkpoint.MARKER).write_text(json.dumps(marker))
