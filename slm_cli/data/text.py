@@ -1,20 +1,38 @@
 """One split of a data source as plain text, and calibration rows cut from it.
 
-`slm prune` and `slm quantize` calibrate on, and measure perplexity over, the same text; they
-take it from here so the two can never disagree on what a split's text is.
+`slm prune`, `slm quantize` and `slm eval` calibrate on, and measure perplexity over, the text
+`split_text` returns: one implementation, so the three can never disagree on what a split's
+text is (two copies of it once made prune's perplexity of a model differ from eval's).
 """
 
 from __future__ import annotations
 
 from slm_cli.data import load_splits
+from slm_cli.data.corpus import CORPORA, load_corpus
 from slm_cli.data.errors import DataError
 
+# data.val_fraction's default (config/schema.py DataConfig): a user file without a validation
+# split loses the same records to validation in every stage that reads it with the defaults.
+VAL_FRACTION = 0.05
 
-def split_text(source: str, split: str, seed: int) -> str:
-    """The records of one split of a data source, as one text (blocks joined by blank lines)."""
+
+def split_text(source: str, split: str, seed: int, val_fraction: float = VAL_FRACTION) -> str:
+    """The whole text of one split ("validation" or "test") of a data source.
+
+    A corpus: its stored split text exactly as written (validation is its calibration split),
+    never re-cut into records and re-joined, which would add blank lines at every cut. Anything
+    else: every record of the split (all of it: a length limit such as eval.max_tokens applies to
+    the tokens) joined by blank lines; a prompt/completion record contributes prompt + completion,
+    a chat record each message's content. `val_fraction` carves validation out of a user file
+    that has no validation split.
+    """
     from slm_cli.models import example_texts
 
-    splits = load_splits(source, train_size=1, val_size=None, test_size=None, seed=seed)
+    if split not in ("validation", "test"):
+        raise DataError(f"split={split!r}: a text split is validation or test.")
+    if source in CORPORA:
+        return load_corpus(source, "test" if split == "test" else "calibration")
+    splits = load_splits(source, train_size=1, val_size=None, test_size=None, val_fraction=val_fraction, seed=seed)
     return "\n\n".join(example_texts(splits[split]))
 
 

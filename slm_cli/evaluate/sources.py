@@ -5,6 +5,8 @@
   * a predictive task (`arithmetic_yesno`): records with a 0/1 label -> yes/no AUC and accuracy
     (exact match also works: the task scores a generated "Yes"/"No");
   * a user file: `{"text"}` records -> perplexity of their text joined by blank lines;
+    the text of a split (corpus or file) is slm_cli/data/text.py's `split_text`, the one that
+    `slm prune` and `slm quantize` score, and always the whole split (eval.max_tokens cuts tokens);
     prompt/completion or chat records -> exact match of the trimmed generation against the
     reference completion.
 
@@ -19,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slm_cli.data import DEFAULT_TASK_SIZES, get_task, load_splits
-from slm_cli.data.corpus import CORPORA, load_corpus
+from slm_cli.data.corpus import CORPORA
 from slm_cli.data.errors import DataError
 from slm_cli.data.formats import record_shape
+from slm_cli.data.text import split_text
 
 # metric -> the kinds of data it can score
 METRIC_KINDS = {
@@ -69,14 +72,13 @@ def load_eval_data(source: str, split: str, size: int | None, seed: int, val_fra
         examples = task.examples(split, DEFAULT_TASK_SIZES[split] if size is None else size, seed)
         return EvalData(source, split, task.kind, task=task, examples=examples)
     if source in CORPORA:
-        text = load_corpus(source, "test" if split == "test" else "calibration")
-        return EvalData(source, split, "text", text=text)
+        return EvalData(source, split, "text", text=split_text(source, split, seed))
     records = load_splits(source, val_size=size, test_size=size, train_size=1, val_fraction=val_fraction, seed=seed)[split]
     if not records:
         raise DataError(f"data.source={source}: the {split} split is empty.")
     kind = _user_kind(records, source)
     if kind == "text":
-        return EvalData(source, split, "text", text="\n\n".join(r["text"] for r in records))
+        return EvalData(source, split, "text", text=split_text(source, split, seed, val_fraction))
     return EvalData(source, split, kind, examples=records)
 
 
