@@ -155,6 +155,7 @@ class TrainConfig:
     save_every: Annotated[int, Range(ge=0, note="0 = no checkpoints")] = 0  # DeepSpeed checkpoint every N steps for resume (0 = none)
     log_every: PositiveInt = 1  # metrics.jsonl row every N steps
     nonfinite: str = "stop"  # a step whose loss or gradient norm is NaN/inf: stop (error, last good checkpoint kept) | skip_step (no update)
+    report_to: Union[list[str], str] = field(default_factory=list)  # trackers for loss, lr, grad norm, tokens/s, eval loss: [tensorboard], [wandb] (offline), or none / [] (files in the run folder)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self, where: str) -> list[str]:
@@ -170,6 +171,9 @@ class TrainConfig:
         _problems_if(
             self.nonfinite not in NONFINITE, f"{where}.nonfinite={self.nonfinite!r}: choose one of {', '.join(NONFINITE)}", out
         )
+        from slm_cli.engine.trackers import problems as tracker_problems  # standard library only
+
+        out += tracker_problems(self.report_to, where)
         out += self.lora.problems(f"{where}.lora")
         return out
 

@@ -256,7 +256,8 @@ def train(
 
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     engine.train()
-    task = progress.add_task(description, total=tcfg.max_steps, completed=start_step, loss="-", lr="-", tps="-") if progress else None
+    task = progress.add_task(description, total=tcfg.max_steps, completed=start_step) if progress else None
+    trackers = _open_trackers(tcfg, work_dir, description)
     # t_start is moved back by the seconds trained before a resume, so elapsed times count the whole run.
     t_start = time.perf_counter() - carried.get("train_seconds", 0.0)
     tokens_seen, last = int(carried.get("tokens", 0)), {}
@@ -327,8 +328,13 @@ def train(
             if dist.is_main() and ((step + 1) % tcfg.log_every == 0 or "val_loss" in last):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                if trackers is not None:
+                    trackers.log_step(last, step + 1)
             if task is not None:
-                progress.update(task, advance=1, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tps=f"{last['tokens_per_s']:,.0f}")
+                shown = {"loss": f"{last['loss']:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{last['tokens_per_s']:,.0f}"}
+                if "val_loss" in last:
+                    shown["val_loss"] = f"{last['val_loss']:.4f}"
+                progress.update(task, advance=1, **shown)
             if nonfinite and tcfg.nonfinite == "stop":
                 raise SlmError(_nonfinite_message(step + 1, step_loss, grad_norm, tcfg, ckpt_dir))
             # a signal test interrupts training here, at a known step, however fast the steps run
@@ -350,6 +356,10 @@ def train(
                 faults.point(f"after-checkpoint:{step + 1}")
             if interrupted["signal"] is not None:
                 raise SlmError(_stopped_message(interrupted["signal"], step + 1, tcfg.max_steps, ckpt_dir, work_dir))
+    except BaseException:
+        if trackers is not None:  # flush what the stopped run logged
+            trackers.close()
+        raise
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -362,6 +372,9 @@ def train(
             engine, val_set, collate, tcfg.micro_batch_size, tcfg.eval_batches, sft_loss
         )
     elapsed = time.perf_counter() - t_start
+    if trackers is not None:
+        trackers.log({"eval/loss": val_loss, "eval/ce": val_ce}, tcfg.max_steps)
+        trackers.close()
     if skipped_steps and dist.is_main():
         from slm_cli.ui import console
 
@@ -382,6 +395,16 @@ def train(
         "skipped_steps": skipped_steps,
     }
     return LoopResult(engine=engine, steps=tcfg.max_steps, metrics=metrics, history=history)
+
+
+def _open_trackers(tcfg, work_dir: Path, description: str):
+    """The run's trackers (`train.report_to`) on rank 0; None when there are none to write."""
+    from slm_cli.engine.trackers import Trackers, run_folder, tracker_names
+
+    names = tracker_names(tcfg.report_to)
+    if not names or not dist.is_main():
+        return None
+    return Trackers(names, run_folder(work_dir), run_name=description)
 
 
 def _drop_rows_after(metrics_path: Path, step: int) -> None:

@@ -449,12 +449,14 @@ def _widths(config) -> tuple[int, int, int]:
     return config.intermediate_size, n_kv, config.num_attention_heads // n_kv
 
 
-def prune_model(model: nn.Module, calib_batches: Iterable[Batch], plan: PrunePlan) -> tuple[nn.Module, PruneReport]:
+def prune_model(model: nn.Module, calib_batches: Iterable[Batch], plan: PrunePlan,
+                progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` in place by ``plan`` using calibration batches; returns (model, report).
 
     calib_batches: (B, T) input_ids tensors or dicts with input_ids and optional attention_mask
     (padded tokens are left out of every statistic).  Every layer's inputs are cached once (see the
-    module doc); each layer then runs at most three times per batch.
+    module doc); each layer then runs at most three times per batch.  ``progress(done, total)`` is
+    called after each layer with the layers done so far.
     """
     t = resolve_targets(model.config, plan)
     pruned_config(model.config, plan)  # fail now, before any work, if transformers would reject it
@@ -485,6 +487,8 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Batch], plan: PrunePla
                 if i + 1 < len(layers):
                     advance(layer, inputs, i)
             report.layers.append(entry)
+            if progress is not None:
+                progress(i + 1, len(layers))
             log.info("layer %d: ffn error %s -> %s, attn error %s -> %s", i, entry.ffn_error_before_refit,
                      entry.ffn_error_after_refit, entry.attn_error_before_refit, entry.attn_error_after_refit)
         update_config(model)

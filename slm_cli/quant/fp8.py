@@ -207,14 +207,16 @@ def _run_batch(model: torch.nn.Module, batch) -> None:
 
 @torch.no_grad()
 def _calibrate_input_scales(
-    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], calib_batches
+    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], calib_batches,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Static per-tensor input scales from the running min/max over all calibration batches.
 
     Quantization is switched off while observing, so every layer sees the float model's
     activations (the same ranges the "static_minmax" observer of the preset records).
-    Returns the number of batches seen.
+    Returns the number of batches seen; ``progress(done, total)`` is called after each.
     """
+    total = len(calib_batches) if hasattr(calib_batches, "__len__") else 0
     lo = {name: torch.tensor(float("inf")) for name, _ in modules}
     hi = {name: torch.tensor(float("-inf")) for name, _ in modules}
 
@@ -236,6 +238,8 @@ def _calibrate_input_scales(
         for batch in calib_batches:
             _run_batch(model, batch)
             seen += 1
+            if progress is not None:
+                progress(seen, total)
     finally:
         for h in handles:
             h.remove()
@@ -303,12 +307,14 @@ def quantize_fp8(
     scheme: str = "fp8_dynamic",
     ignore: Iterable[str] | None = None,
     calib_batches: Iterable | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.nn.Module:
     """Attach an FP8 scheme to every targeted Linear and compute its scales, in place.
 
     Every check of ``check_fp8_request`` runs before the model is touched and raises
     ``FP8QuantError`` (a ``ValueError``). The returned model runs in fake-quantized mode
     (weights and activations quantize→dequantize on the fly) until ``save_fp8`` compresses it.
+    ``progress(done, total)`` follows the calibration batches of a static scheme.
     """
     qscheme, ignore = check_fp8_request(model, scheme, ignore, calibrated=calib_batches is not None)
     needs_calib = _needs_calibration(qscheme)
@@ -317,7 +323,7 @@ def quantize_fp8(
     quantized = [(name, m) for name, m in model.named_modules() if is_module_quantized(m)]
     _fill_weight_scales(quantized)
     if needs_calib:
-        _calibrate_input_scales(model, quantized, calib_batches)
+        _calibrate_input_scales(model, quantized, calib_batches, progress)
     for _, m in quantized:
         m.quantization_status = QuantizationStatus.FROZEN
     return model
