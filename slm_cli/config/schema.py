@@ -103,18 +103,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: a built-in task or corpus name, a .jsonl file, or a datasets folder."""
+    """Training data: a built-in task or corpus name, a data file or folder, or a hub dataset."""
 
-    source: str = "arithmetic"  # built-in name (see `slm`), path/to/data.jsonl, or a datasets.save_to_disk folder
+    source: str = "arithmetic"  # built-in name (see `slm`), a .jsonl/.json/.csv/.parquet file, a folder of split files, a datasets.save_to_disk folder, or hub:<org>/<name>
+    subset: Optional[str] = None  # a hub dataset's configuration (datasets.load_dataset's `name`); null = its default
     train_size: OptionalPositiveInt = 2000  # examples generated for built-in tasks (null = all of a user file)
     val_size: OptionalPositiveInt = 200  # validation examples for built-in tasks
     test_size: OptionalPositiveInt = 200  # held-out test examples for built-in tasks
     val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.05  # share of a user file kept for validation
     max_seq_len: Annotated[int, Range(ge=8)] = 128  # longer examples are truncated (and counted); ones left with no target are dropped
+    packing: bool = False  # teacher/student: pack examples into rows of max_seq_len tokens (attention kept within each example)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
         _problems_if(not self.source, f"{where}.source is empty: name a built-in task or a data file", out)
+        _problems_if(
+            self.subset is not None and not self.source.startswith("hub:"),
+            f"{where}.subset={self.subset!r} applies only to a hub dataset (data.source=hub:<org>/<name>)", out,
+        )
         return out
 
 
@@ -383,6 +389,12 @@ class DistillStageConfig(TrainStageConfig):
         out = super().problems(where)
         out += self.distill.problems("distill") + self.teacher.problems("teacher")
         _problems_if(not self.teacher.path, "teacher.path is required: the teacher artifact folder to distill from", out)
+        _problems_if(
+            self.data.packing,
+            "data.packing=true is for supervised fine-tuning (slm teacher, slm student); distillation compares "
+            "teacher and student on unpacked rows: set data.packing=false",
+            out,
+        )
         _problems_if(
             self.teacher.logits == "precompute" and self.distill.mode != "supervised",
             f"teacher.logits=precompute needs distill.mode=supervised (got {self.distill.mode}): text the models "

@@ -6,9 +6,10 @@ A source is, in this order of lookup:
    generated offline with disjoint splits;
 2. a corpus name (``shakespeare``, ``kjv``; see corpus.py): ``{"text"}`` blocks, with the corpus'
    calibration split serving as validation;
-3. a path: a ``.jsonl`` file, a folder of ``train.jsonl`` [``validation.jsonl``, ``test.jsonl``],
-   or a ``datasets.save_to_disk`` folder (see formats.py). Write ``./arithmetic`` for a file
-   that shares a built-in name.
+3. ``hub:<dataset id>``: a dataset on the Hugging Face Hub (``subset`` picks its configuration);
+4. a path: a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file, a folder of ``train``
+   [``validation``, ``test``] files of one of those types, or a ``datasets.save_to_disk`` folder
+   (see formats.py for the row types). Write ``./arithmetic`` for a file that shares a built-in name.
 
 User data without a validation split is split by a seeded shuffle: ``round(val_fraction * n)``
 records (at least one when val_fraction > 0) go to validation, the rest to train. Without a test
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from slm_cli.data.corpus import CORPORA, corpus_examples
 from slm_cli.data.errors import DataError
-from slm_cli.data.formats import read_user_data
+from slm_cli.data.formats import HUB_PREFIX, read_user_data
 from slm_cli.data.tasks import TASKS
 
 DEFAULT_TASK_SIZES = {"train": 2000, "validation": 200, "test": 200}
@@ -56,9 +57,9 @@ def _sample(records: list[dict], size: int | None, seed: int) -> list[dict]:
     return [records[i] for i in keep]
 
 
-def _user_splits(path: Path, val_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Named splits from a user file/folder, with validation carved out of train when absent."""
-    named = read_user_data(path)
+def _user_splits(path: Path | str, val_fraction: float, seed: int, subset: str | None = None) -> dict[str, list[dict]]:
+    """Named splits from a user file/folder or hub id, with validation carved out of train when absent."""
+    named = read_user_data(path, subset)
     if "train" not in named:
         raise DataError(f"{path}: no 'train' split (found {', '.join(named)}).")
     train = named["train"]
@@ -89,11 +90,13 @@ def load_splits(
     val_fraction: float = 0.1,
     seed: int = 0,
     block_chars: int = 2048,
+    subset: str | None = None,
 ) -> dict[str, list[dict]]:
-    """Records for "train", "validation" and "test" from a task, a corpus or a user path.
+    """Records for "train", "validation" and "test" from a task, a corpus, a hub id or a user path.
 
     Sizes cap each split (None: all of it; for tasks None means DEFAULT_TASK_SIZES). The same
-    arguments always give the same records. `block_chars` sets corpus record length.
+    arguments always give the same records. `block_chars` sets corpus record length; `subset`
+    names a hub dataset's configuration.
     """
     sizes = {"train": train_size, "validation": val_size, "test": test_size}
     task = get_task(source)
@@ -108,11 +111,14 @@ def load_splits(
             split: _sample(corpus_examples(source, corpus_split[split], block_chars), size, seed)
             for split, size in sizes.items()
         }
+    if source.startswith(HUB_PREFIX):
+        splits = _user_splits(source, val_fraction, seed, subset)
+        return {split: _sample(records, sizes[split], seed) for split, records in splits.items()}
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
-            f"data.source={source!r} is neither a built-in source ({', '.join([*TASKS, *CORPORA])}) "
-            "nor an existing .jsonl file or datasets folder."
+            f"data.source={source!r} is neither a built-in source ({', '.join([*TASKS, *CORPORA])}), "
+            f"a {HUB_PREFIX}<dataset id>, nor an existing data file (.jsonl, .json, .csv, .parquet) or folder."
         )
     splits = _user_splits(path, val_fraction, seed)
     return {split: _sample(records, sizes[split], seed) for split, records in splits.items()}

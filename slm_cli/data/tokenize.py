@@ -8,24 +8,51 @@ marks token t as a target and ``labels[t] = -100`` leaves it out. Here:
   its own (as at generation time, and as TRL's non-conversational path does) and only the
   completion and eos are targets;
 * messages: the tokenizer's chat template renders the conversation; only assistant turns
-  (content and the template's end-of-turn token) are targets. The spans are found by rendering
-  the conversation prefix by prefix, so any template whose renders grow by appending works;
+  (content and the template's end-of-turn token) are targets, and for a conversational
+  prompt-completion row (read as messages with ``prompt_turns``) only those of the completion.
+  The spans are found by rendering the conversation prefix by prefix, so any template whose
+  renders grow by appending works;
 * text: every token is a target (plain language modeling).
 
 Sequences longer than ``max_seq_len`` are cut on the right; an example with no target left is
 dropped and counted.
+
+Encoding is cached: `encode_dataset` stores a split's ids and labels in one safetensors file
+under ``$SLM_CACHE/tokenized``, named by a hash of the records, the tokenizer (its vocabulary,
+merges, normalizer, special tokens and chat template), ``max_seq_len`` and ENCODING_VERSION, so
+a second run with the same data and tokenizer reads it back instead of tokenizing again, and a
+change to any of them misses.
+
+Packing (`pack_examples`, ``data.packing=true``) puts several encoded examples in one row of at
+most ``max_seq_len`` tokens, by best-fit decreasing (TRL's default ``bfd``). Each row carries
+``position_ids`` that restart at 0 for every example; given those and no padding mask,
+transformers builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``,
+for the eager and sdpa attention alike), so no token attends across an example boundary, and
+each example's first label is ignored so no example is asked to predict the next one's first
+token. A packed batch's summed loss therefore equals the unpacked batches' (tested), with less
+padding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from slm_cli.data.errors import DataError
-from slm_cli.data.formats import record_shape
+from slm_cli.data.formats import PROMPT_TURNS, record_shape
 
 IGNORE_INDEX = -100
+# Bump when the rules that turn a record into ids and labels change: old cache files then miss.
+ENCODING_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +62,8 @@ class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    # packed rows only: each example's positions, restarting at 0 (see pack_examples)
+    position_ids: list[int] | None = field(default=None, repr=False)
 
     @property
     def num_targets(self) -> int:
@@ -43,11 +72,14 @@ class EncodedExample:
 
 @dataclass
 class EncodeStats:
-    """What encoding did to a dataset: examples seen, cut to max_seq_len, and dropped (no target left)."""
+    """What encoding did to a dataset: examples seen, cut to max_seq_len, dropped (no target left),
+    whether they came from the tokenized-data cache, and the rows they were packed into (None: not packed)."""
 
     total: int = 0
     truncated: int = 0
     dropped: int = 0
+    from_cache: bool = False
+    packed_rows: int | None = None
 
     @property
     def kept(self) -> int:
@@ -80,8 +112,8 @@ def _content_start(tokenizer, messages: list[dict], i: int) -> str:
     return probe[: max(probe.find(marker), 0)]
 
 
-def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character span of each assistant turn.
+def assistant_char_spans(messages: list[dict], tokenizer, first_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character span of each assistant turn from `first_turn` on.
 
     For assistant turn i: the render of messages[:i] with the generation prompt ends where the
     turn's content starts; the render of messages[:i+1] ends after its end-of-turn token (trailing
@@ -91,7 +123,7 @@ def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tup
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_turn:
             continue
         before = _content_start(tokenizer, messages, i)
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -104,9 +136,10 @@ def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tup
     return full, spans
 
 
-def _encode_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered chat and labels that keep only tokens overlapping an assistant span."""
-    text, spans = assistant_char_spans(messages, tokenizer)
+def _encode_messages(messages: list[dict], tokenizer, first_turn: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered chat and labels that keep only tokens overlapping an assistant span
+    of turn `first_turn` or later (the completion of a conversational prompt-completion row)."""
+    text, spans = assistant_char_spans(messages, tokenizer, first_turn)
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
@@ -130,7 +163,7 @@ def encode_example(example: dict, tokenizer, max_seq_len: int) -> EncodedExample
         ids = prompt + completion
         labels = [IGNORE_INDEX] * len(prompt) + completion
     elif shape == "messages":
-        ids, labels = _encode_messages(example["messages"], tokenizer)
+        ids, labels = _encode_messages(example["messages"], tokenizer, example.get(PROMPT_TURNS) or 0)
     elif shape == "text":
         ids = _ids(tokenizer, example["text"], add_special_tokens=True)
         labels = list(ids)
@@ -150,17 +183,24 @@ _MORE_DATA = {
 
 
 def encode_dataset(
-    examples: list[dict], tokenizer, max_seq_len: int, split: str = "train"
+    examples: list[dict], tokenizer, max_seq_len: int, split: str = "train", cache: bool = True
 ) -> tuple[list[EncodedExample], EncodeStats]:
     """Encode every record; count truncated and dropped ones. Raises DataError if none survives.
 
-    `split` names the records in errors ("train", "validation").
+    `split` names the records in errors ("train", "validation"). With `cache`, the result is read
+    from (or written to) the tokenized-data cache; `stats.from_cache` says which.
     """
     if max_seq_len < 1:
         raise DataError(f"data.max_seq_len={max_seq_len} must be >= 1.")
     more = _MORE_DATA.get(split, "add records")
     if not examples:
         raise DataError(f"the {split} split is empty, and the training stages need examples in it: {more}.")
+    path = _cache_path(examples, tokenizer, max_seq_len) if cache else None
+    if path is not None:
+        hit = _read_cache(path)
+        if hit is not None:
+            log.info("tokenized %s split: %d examples read from the cache %s", split, len(hit[0]), path)
+            return hit
     stats, encoded = EncodeStats(), []
     for example in examples:
         stats.total += 1
@@ -175,7 +215,154 @@ def encode_dataset(
             f"all {stats.total} examples were dropped from the {split} split: none has a completion token within "
             f"data.max_seq_len={max_seq_len}; raise data.max_seq_len or shorten the prompts."
         )
+    if path is not None:
+        _write_cache(path, encoded, stats)
+        log.info("tokenized %s split: %d examples, written to the cache %s", split, len(encoded), path)
     return encoded, stats
+
+
+# --- the tokenized-data cache ---------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash of everything about a tokenizer that changes ids or labels; None when it cannot be serialized.
+
+    A fast tokenizer's JSON holds its vocabulary, merges, normalizer, pre-tokenizer and
+    post-processor (the bos/eos it adds); the chat template and special tokens sit beside it.
+    Slow (Python) tokenizers have no such serialization, so their data is not cached.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+    import transformers
+
+    parts = {
+        "class": type(tokenizer).__name__,
+        "backend": backend.to_str(),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+        "added": {str(k): str(v) for k, v in sorted(tokenizer.added_tokens_decoder.items())},
+        # the libraries that apply it: a new release may split the same text differently
+        "versions": [tokenizers.__version__, transformers.__version__],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """A hash of the records, in order (`default=str` covers the dates and decimals a parquet file may hold)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _cache_path(examples: list[dict], tokenizer, max_seq_len: int) -> Path | None:
+    from slm_cli.paths import cache_dir
+
+    tok = tokenizer_fingerprint(tokenizer)
+    if tok is None:
+        return None
+    key = hashlib.sha256(
+        json.dumps([ENCODING_VERSION, data_fingerprint(examples), tok, max_seq_len]).encode()
+    ).hexdigest()
+    return cache_dir() / "tokenized" / f"{key[:32]}.safetensors"
+
+
+def _write_cache(path: Path, encoded: list[EncodedExample], stats: EncodeStats) -> None:
+    """One safetensors file: all ids and labels end to end, each example's length and truncation flag.
+
+    Written to a temp file and renamed, so a reader never sees half a file; a cache that cannot be
+    written (read-only, full disk) costs only the re-tokenization next time.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {
+        "input_ids": torch.tensor([t for e in encoded for t in e.input_ids], dtype=torch.int64),
+        "labels": torch.tensor([t for e in encoded for t in e.labels], dtype=torch.int64),
+        "lengths": torch.tensor([len(e.input_ids) for e in encoded], dtype=torch.int64),
+        "truncated": torch.tensor([e.truncated for e in encoded], dtype=torch.bool),
+    }
+    metadata = {"stats": json.dumps({"total": stats.total, "truncated": stats.truncated, "dropped": stats.dropped})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not write the tokenized-data cache %s (%s); the next run tokenizes again", path, exc)
+
+
+def _read_cache(path: Path) -> tuple[list[EncodedExample], EncodeStats] | None:
+    """The cached split, or None when absent or unreadable (a damaged file is encoded again and replaced)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stats = EncodeStats(**json.loads(f.metadata()["stats"]), from_cache=True)
+            ids, labels, lengths, truncated = (
+                f.get_tensor(name).tolist() for name in ("input_ids", "labels", "lengths", "truncated")
+            )
+    except Exception as exc:  # noqa: BLE001 - any damage means the same thing: encode again
+        log.warning("ignoring a damaged tokenized-data cache file %s (%s)", path, exc)
+        return None
+    if len(ids) != sum(lengths) or len(labels) != len(ids) or len(lengths) != stats.kept:
+        log.warning("ignoring a tokenized-data cache file %s whose sizes disagree", path)
+        return None
+    encoded, start = [], 0
+    for n, cut in zip(lengths, truncated):
+        encoded.append(EncodedExample(ids[start : start + n], labels[start : start + n], bool(cut)))
+        start += n
+    return encoded, stats
+
+
+# --- packing ----------------------------------------------------------------------------------
+
+
+def pack_examples(examples: list[EncodedExample], max_seq_len: int, stats: EncodeStats | None = None) -> list[EncodedExample]:
+    """Examples packed into rows of at most `max_seq_len` tokens by best-fit decreasing.
+
+    Longest first, each example goes into the open row with the least room that still fits it
+    (a new row when none does), which leaves little padding for few rows. In a row, position_ids
+    restart at 0 for every example and each example's first label becomes -100 (in an unpacked
+    row that label is never a target either: nothing precedes the first token). Rows keep the
+    order of their first (longest) example; the loop shuffles them by seed. Sets
+    `stats.packed_rows` when given.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row index), sorted, for the best-fit search
+    for i in order:
+        n = len(examples[i].input_ids)
+        if n > max_seq_len:
+            raise ValueError(f"example {i} has {n} tokens, more than max_seq_len={max_seq_len}; encode with it first.")
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            free, row = room.pop(at)
+            rows[row].append(i)
+            bisect.insort(room, (free - n, row))
+        else:
+            rows.append([i])
+            bisect.insort(room, (max_seq_len - n, len(rows) - 1))
+    packed = []
+    for members in rows:
+        ids, labels, positions = [], [], []
+        for i in members:
+            example = examples[i]
+            ids += example.input_ids
+            labels += [IGNORE_INDEX, *example.labels[1:]]
+            positions += range(len(example.input_ids))
+        packed.append(EncodedExample(ids, labels, any(examples[i].truncated for i in members), positions))
+    if stats is not None:
+        stats.packed_rows = len(packed)
+    return packed
 
 
 def check_batch_fits(train_examples: int, micro_batch_size: int, processes: int = 1) -> None:
@@ -193,15 +380,17 @@ def prompt_ids(example: dict, tokenizer) -> list[int]:
     """The prompt as the model sees it when asked to generate the completion.
 
     prompt/completion: the tokenized prompt, exactly the prefix `encode_example` trains on.
-    messages: the conversation up to (not including) its final assistant turn, rendered with the
-    template's generation prompt.
+    messages: the conversation up to (not including) its final assistant turn (a conversational
+    prompt-completion row: its prompt turns), rendered with the template's generation prompt.
     """
     shape = record_shape(example)
     if shape == "prompt_completion":
         return _ids(tokenizer, example["prompt"], add_special_tokens=True)
     if shape == "messages":
         messages = list(example["messages"])
-        if messages and messages[-1]["role"] == "assistant":
+        if example.get(PROMPT_TURNS):
+            messages = messages[: example[PROMPT_TURNS]]
+        elif messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         return _ids(tokenizer, _render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
     raise DataError(f"a record with keys {sorted(example)} has no prompt to generate from; use prompt/completion or messages.")
@@ -214,7 +403,9 @@ def _as_ids(item) -> list[int]:
 def collate(batch: list, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a training batch: input_ids (pad_token_id), attention_mask (0) and labels (-100) on padding.
 
-    Items are EncodedExample or dicts with input_ids and labels.
+    Items are EncodedExample or dicts with input_ids and labels. A batch of packed rows also
+    gets position_ids (the padding tail counts as one more example, so it forms its own block);
+    its attention_mask then only counts real tokens, and the loss passes position_ids instead.
     """
     if not batch:
         raise ValueError("collate needs at least one example.")
@@ -228,7 +419,15 @@ def collate(batch: list, pad_token_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         labels[row, : len(ids)] = torch.tensor(item_labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(getattr(item, "position_ids", None) is not None for item in batch):
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            own = item.position_ids if item.position_ids is not None else list(range(len(item.input_ids)))
+            positions[row, : len(own)] = torch.tensor(own, dtype=torch.long)
+            positions[row, len(own) :] = torch.arange(width - len(own))
+        out["position_ids"] = positions
+    return out
 
 
 def collate_prompts(prompts: list, pad_token_id: int) -> dict[str, torch.Tensor]:

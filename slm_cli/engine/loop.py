@@ -37,7 +37,13 @@ LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
 
 def sft_loss(engine, batch: dict) -> tuple[torch.Tensor, dict]:
     """Summed next-token cross-entropy over target tokens (labels != -100)."""
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    # A packed batch (data.packing) passes position_ids that restart per example and no padding mask:
+    # transformers then masks attention block-diagonally, one block per example (see data/tokenize.py).
+    packed = "position_ids" in batch
+    out = engine(
+        input_ids=batch["input_ids"], attention_mask=None if packed else batch["attention_mask"],
+        position_ids=batch.get("position_ids"), use_cache=False,
+    )
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")

@@ -60,6 +60,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
         test_size=cfg.data.test_size,
         val_fraction=cfg.data.val_fraction,
         seed=cfg.seed,
+        subset=cfg.data.subset,
     )
     teacher_tok = models.load_tokenizer(cfg.teacher.path, cfg.model.trust_remote_code, field="teacher.path")
     teacher = models.load_model(cfg.teacher.path, cfg.teacher.dtype, cfg.model.trust_remote_code, field="teacher.path")

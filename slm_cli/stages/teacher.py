@@ -33,7 +33,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
 
     from slm_cli import artifacts, models, ui
     from slm_cli.data import load_splits
-    from slm_cli.data.tokenize import check_batch_fits, collate, encode_dataset
+    from slm_cli.data.tokenize import check_batch_fits, collate, encode_dataset, pack_examples
     from slm_cli.engine import distributed as dist
     from slm_cli.engine import loop
     from slm_cli.engine.logging import quiet_libraries
@@ -53,6 +53,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
         test_size=cfg.data.test_size,
         val_fraction=cfg.data.val_fraction,
         seed=cfg.seed,
+        subset=cfg.data.subset,
     )
     tokenizer = models.resolve_tokenizer(cfg.model, splits["train"])
     if cfg.model.name_or_path:
@@ -62,6 +63,8 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     if cfg.train.lora.enabled:
         model = models.apply_lora(model, cfg.train.lora)
     train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
+    if cfg.data.packing:
+        train_set = pack_examples(train_set, cfg.data.max_seq_len, train_stats)
     check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
     val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)

@@ -65,7 +65,7 @@ def test_wrong_types_name_the_line(tmp_path, record, message):
 
 def test_mixed_shapes_are_rejected(tmp_path):
     path = write_jsonl(tmp_path / "mix.jsonl", [pc(0), {"text": "plain"}])
-    with pytest.raises(DataError, match="line 2: record is text but earlier records are prompt_completion"):
+    with pytest.raises(DataError, match="line 2: this row is language modeling data but earlier rows are prompt-completion"):
         read_jsonl(path)
 
 
@@ -128,9 +128,9 @@ def test_too_few_records_to_split_and_unknown_source(tmp_path):
         load_splits(str(path), train_size=None, val_size=None, test_size=None, val_fraction=0.1, seed=0)
     with pytest.raises(DataError, match="neither a built-in source"):
         load_splits(str(tmp_path / "nope.jsonl"), train_size=None, val_size=None, test_size=None, val_fraction=0.1, seed=0)
-    (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(DataError, match="unsupported file type"):
-        read_user_data(tmp_path / "x.json")
+    (tmp_path / "x.xml").write_text("<rows/>")
+    with pytest.raises(DataError, match=r"unsupported file type '\.xml'; give a \.jsonl, \.json, \.csv or \.parquet file"):
+        read_user_data(tmp_path / "x.xml")
 
 
 def test_utf8_bom_is_accepted(tmp_path):
