@@ -144,7 +144,17 @@ def run_stage(cfg: Any, schema: type, work: Callable[[Any, dict], Any], check: C
     typed = None
     try:
         values = resolved_dict(cfg)
+        from slm_cli.engine.dsconfig import adopt_user_config
+
+        ds_notes = adopt_user_config(values)  # deepspeed.config_file's settings, where you set none yourself
         typed = validate(values, schema, source=f"config of `slm {values.get('stage', '?')}`")
+        if ds_notes and not is_worker():
+            from rich.markup import escape
+
+            from slm_cli.ui import console
+
+            for note in ds_notes:
+                console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
         if getattr(typed, "resume", False) is not False and not is_worker():
             from slm_cli.engine.checkpoint import find_interrupted_run
 

@@ -22,7 +22,7 @@ from slm_cli.config.validate import Range
 
 PRECISIONS = ("fp32", "bf16")
 OFFLOAD = ("none", "cpu")
-LR_SCHEDULES = ("cosine", "linear", "constant")
+LR_SCHEDULES = ("cosine", "linear", "constant", "deepspeed")
 NONFINITE = ("stop", "skip_step")
 ARCHS = ("llama", "qwen3", "qwen2", "mistral")
 STUDENT_INITS = ("config", "pretrained", "teacher_layers")
@@ -151,7 +151,7 @@ class TrainConfig:
     lr: Annotated[float, Range(gt=0)] = 1e-3  # peak learning rate
     weight_decay: Annotated[float, Range(ge=0)] = 0.0  # AdamW weight decay
     warmup_steps: NonNegativeInt = 5  # linear warm-up steps
-    lr_schedule: str = "cosine"  # after warm-up: cosine | linear | constant
+    lr_schedule: str = "cosine"  # after warm-up: cosine | linear | constant | deepspeed (the scheduler block of deepspeed.config_file)
     min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1  # final lr as a fraction of the peak (cosine, linear)
     max_grad_norm: Annotated[float, Range(ge=0, note="0 = no clipping")] = 1.0  # gradient clipping (0 = off)
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast through DeepSpeed)

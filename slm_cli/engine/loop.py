@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from slm_cli import faults
 from slm_cli.engine import checkpoint, cpu_adam
 from slm_cli.engine import distributed as dist
-from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config
+from slm_cli.engine.dsconfig import ADAM_BETAS, ADAM_EPS, build_ds_config, hidden_size_of
 from slm_cli.errors import SlmError
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
@@ -157,17 +157,20 @@ def initialize(model: torch.nn.Module, tcfg, dcfg):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = False
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ds_config = build_ds_config(tcfg, dcfg, dist.world_size())
+    ds_config = build_ds_config(tcfg, dcfg, dist.world_size(), hidden_size=hidden_size_of(getattr(model, "config", None)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=tcfg.weight_decay)
-    schedule = lr_lambda(tcfg)
+    lr_scheduler = None  # DeepSpeed then builds the config's scheduler block (train.lr_schedule=deepspeed)
+    if "scheduler" not in ds_config:
+        schedule = lr_lambda(tcfg)
+        lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,
         optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        lr_scheduler=lr_scheduler,
         config=ds_config,
     )
     return engine, ds_config
