@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import sys
+from pathlib import Path
 
 from slm_cli.paths import RECIPE_DIR
 
@@ -44,6 +46,7 @@ def print_overview() -> None:
     stages.add_column("status")
     for name, (module, what) in STAGES.items():
         stages.add_row(name, what, "ready" if module else "[dim]not yet available[/dim]")
+    stages.add_row("cp", "Write an editable copy of a shipped recipe or stage config, to run with --config", "ready")
     console.print(stages)
     recipes = Table(title="shipped recipes (recipes/)", title_justify="left")
     recipes.add_column("recipe", style="bold green")
@@ -57,29 +60,101 @@ def print_overview() -> None:
             use = f"slm {path.parent.name} recipe={path.stem}"
         recipes.add_row(name, _first_comment(path), use)
     console.print(recipes)
-    console.print("usage: slm <stage> [key=value ...] [-m] [--cfg job] [--help]")
+    console.print("usage: slm <stage> [key=value ...] [--config FILE.yaml] [-m] [--cfg job] [--help]", soft_wrap=True)
+    console.print("       slm cp <recipe or stage> FILE.yaml [--force]   an editable copy; run it with --config FILE.yaml",
+                  soft_wrap=True)
+
+
+def _usage_error(message: str) -> None:
+    print(f"slm: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def is_config_file(value: str) -> bool:
+    """`recipe=` and `--config` name a file when the value ends in .yaml (or .yml), else a shipped recipe."""
+    return value.endswith((".yaml", ".yml"))
+
+
+def _hydra_value(value: str) -> str:
+    """A value as one Hydra override token: quoted when it holds characters Hydra's grammar would split on."""
+    if re.fullmatch(r"[\w./+-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _expand_recipe(stage: str, args: list[str]) -> list[str]:
-    """`recipe=NAME` picks the preset recipes/<stage>/NAME.yaml as the primary config.
+    """`recipe=NAME`, `recipe=FILE.yaml` and `--config FILE.yaml` pick the config a stage starts from.
 
-    It is Hydra's own `--config-dir/--config-name` spelled shorter; the preset's defaults
-    list starts from the stage's config (`- /teacher`), so every other override still applies.
+    For a stage, NAME is the preset recipes/<stage>/NAME.yaml and FILE a YAML file of your own (a copy
+    from `slm cp`, or a preset whose defaults list starts from the stage's config: `- /teacher`); either
+    becomes Hydra's `--config-dir/--config-name`, so every other override still applies. For `slm run`,
+    both become the run config's `recipe=` (a pipeline: shipped name or file).
     """
-    out, name = [], None
-    for a in args:
+    out, value = [], None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" or a.startswith("--config="):
+            if a == "--config":
+                if i + 1 >= len(args):
+                    _usage_error("--config needs a file: slm <stage> --config my.yaml [key=value ...]")
+                given, i = args[i + 1], i + 2
+            else:
+                given, i = a.split("=", 1)[1], i + 1
+            if value is not None:
+                _usage_error(f"--config {given}: a config was already given ({value}); give one --config or recipe=")
+            if not is_config_file(given):
+                _usage_error(f"--config {given}: give a YAML file ending in .yaml (for a shipped recipe, use recipe={given})")
+            value = given
+            continue
         if a.startswith("recipe=") and stage != "run":
-            name = a.split("=", 1)[1]
+            if value is not None:
+                _usage_error(f"{a}: a config was already given ({value}); give one --config or recipe=")
+            value = a.split("=", 1)[1]
         else:
             out.append(a)
-    if name is None:
+        i += 1
+    if value is None:
         return out
-    path = RECIPE_DIR / stage / f"{name}.yaml"
+    if stage == "run":
+        if any(a.startswith("recipe=") for a in out):
+            _usage_error(f"--config {value} and recipe= both name the pipeline; give one")
+        return [f"recipe={_hydra_value(value)}", *out]
+    if is_config_file(value):
+        path = Path(value).expanduser()
+        if path.suffix != ".yaml":
+            _usage_error(f"{value}: Hydra reads config files ending in .yaml; rename it to {path.with_suffix('.yaml').name}")
+        if not path.is_file():
+            _usage_error(f"{value}: no such file (recipe= and --config take a YAML file of yours or a shipped preset name)")
+        from slm_cli.pipeline import is_pipeline
+
+        if is_pipeline(path):
+            _usage_error(f"{value} is a pipeline recipe (it has `stages:`); run it with: slm run --config {value}")
+        if _starts_from_itself(path):
+            # Hydra puts the file's folder first on its search path, so `- /teacher` in teacher.yaml finds the
+            # file itself instead of slm's config, and the run silently drops what the file sets.
+            _usage_error(f"{value}: its defaults list starts from slm's /{path.stem} config, but the file's own name "
+                         f"hides that config from Hydra; rename it, e.g. to my-{path.name}")
+        return ["--config-dir", str(path.resolve().parent), "--config-name", path.stem, *out]
+    path = RECIPE_DIR / stage / f"{value}.yaml"
     have = sorted(p.stem for p in (RECIPE_DIR / stage).glob("*.yaml"))
-    if name not in have:  # a name, never a path: `recipe=../../x` must not reach a YAML outside recipes/
-        print(f"slm: no recipe {path}. Recipes for `slm {stage}`: {', '.join(have) or 'none'}.", file=sys.stderr)
-        sys.exit(2)
-    return ["--config-dir", str(path.parent), "--config-name", name, *out]
+    if value not in have:  # a name, never a path: `recipe=../../x` must not reach a YAML outside recipes/
+        _usage_error(f"no recipe {path}. Recipes for `slm {stage}`: {', '.join(have) or 'none'}; "
+                     f"or give a file of yours: recipe=my.yaml (slm cp {stage} my.yaml writes one to edit).")
+    return ["--config-dir", str(path.parent), "--config-name", value, *out]
+
+
+def _starts_from_itself(path: Path) -> bool:
+    """Whether the defaults list of `<name>.yaml` names the config `/<name>` (or `<name>`)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False  # Hydra reports a file it cannot read, with its own position
+    defaults = data.get("defaults") if isinstance(data, dict) else None
+    entries = [e for e in defaults if isinstance(e, str)] if isinstance(defaults, list) else []
+    return any(e.removeprefix("optional ").strip().lstrip("/") == path.stem for e in entries)
 
 
 def _check_command_line(stage: str, args: list[str]) -> None:
@@ -109,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         print_overview()
         return 0
     stage, rest = argv[0], argv[1:]
+    if stage == "cp":
+        from slm_cli import cp
+
+        return cp.main(rest, [s for s, (m, _) in STAGES.items() if m and s != "run"])
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, list(STAGES), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"slm: unknown stage '{stage}'.{hint} Stages: {', '.join(STAGES)}.", file=sys.stderr)
+        print(f"slm: unknown stage '{stage}'.{hint} Stages: {', '.join(STAGES)} (and `slm cp`).", file=sys.stderr)
         return 2
     module, _ = STAGES[stage]
     if module is None:
@@ -132,7 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     # Hydra reads sys.argv itself; give it exactly the stage's part of the line.
     sys.argv = [f"slm-{stage}", *rest]
     stage_module.main()
+    if stage == "run" and _printed_config(rest):
+        stage_module.print_plan(rest)  # after Hydra's config: the stages that config runs
     return 0
+
+
+def _printed_config(args: list[str]) -> bool:
+    """Whether the line asks Hydra to print the config (`--cfg job|all`, `-c job`) instead of running."""
+    for i, a in enumerate(args):
+        if a in ("--cfg", "-c") and i + 1 < len(args) and args[i + 1] in ("job", "all"):
+            return True
+        if a in ("--cfg=job", "--cfg=all"):
+            return True
+    return False
 
 
 if __name__ == "__main__":

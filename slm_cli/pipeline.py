@@ -8,7 +8,7 @@ A recipe (recipes/quickstart.yaml) looks like
       - name: student                  # the artifact lands in <output_root>/student
         stage: student                 # which `slm <stage>` runs it
         overrides: [model=tiny-llama-student, train.max_steps=100]
-        inputs: {teacher.path: teacher}   # config key <- an earlier stage's artifact or a recipe input
+        inputs: {teacher.name_or_path: teacher}   # config key <- an earlier stage's artifact or a recipe input
 
 Re-running is incremental. A stage's *run key* hashes its stage, overrides and the content
 hashes of the artifacts it reads; the runner records each finished stage's key and its
@@ -48,12 +48,35 @@ class Recipe:
 
 
 def find_recipe(name: str, recipe_dir: Path) -> Path:
-    candidates = [Path(name), recipe_dir / f"{name}.yaml", recipe_dir / name]
-    for c in candidates:
-        if c.is_file():
-            return c
-    have = sorted(str(p.relative_to(recipe_dir).with_suffix("")) for p in recipe_dir.rglob("*.yaml") if is_pipeline(p))
-    raise SlmError(f"recipe={name}: no such pipeline recipe. Pipelines shipped in {recipe_dir}: {', '.join(have)}.")
+    """`recipe=` of `slm run`: a YAML file (a value ending in .yaml or .yml, relative to the current folder),
+    else a pipeline shipped in recipes/ by name (`quickstart`, `distill/sft_then_on_policy`)."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if path.is_file():
+            return path
+        raise SlmError(f"recipe={name}: no such file (from {Path.cwd()}). `slm cp quickstart my.yaml` writes a pipeline to edit.")
+    have = sorted(p.relative_to(recipe_dir).with_suffix("").as_posix() for p in recipe_dir.rglob("*.yaml") if is_pipeline(p))
+    if name in have:  # a shipped name, never a path: `recipe=../x` does not leave recipes/
+        return recipe_dir / f"{name}.yaml"
+    raise SlmError(f"recipe={name}: no such pipeline recipe. Pipelines shipped in {recipe_dir}: {', '.join(have)}; "
+                   f"or give a file of yours: recipe=my.yaml.")
+
+
+def plan(recipe: Recipe, root: Path, given: dict[str, str | None]) -> list[tuple[StageSpec, dict[str, Path | None], Path]]:
+    """The stages in order, each with the folders it reads (config key -> an earlier stage's output or a
+    recipe input; None for an input not given) and the folder it writes, `<root>/<name>`."""
+    outputs: dict[str, Path] = {n: Path(p) for n, p in given.items() if p}
+    steps = []
+    for spec in recipe.stages:
+        out = root / spec.name
+        steps.append((spec, {key: outputs.get(src) for key, src in spec.inputs.items()}, out))
+        outputs[spec.name] = out
+    return steps
+
+
+def stage_overrides(spec: StageSpec, sources: dict[str, Path], out: Path) -> list[str]:
+    """What `slm run` passes to `slm <stage>` after the stage's own overrides: its inputs and output folder."""
+    return [*spec.overrides, *(f"{k}={Path(p).resolve()}" for k, p in sources.items()), f"output_dir={out.resolve()}"]
 
 
 def is_pipeline(path: Path) -> bool:

@@ -20,6 +20,47 @@ def main(cfg) -> None:
     run_stage(cfg, RunStageConfig, run)
 
 
+def print_plan(args: list[str]) -> None:
+    """`slm run --cfg job`: after the run config Hydra printed, the stages it runs, each as the command
+    line `slm run` will give it (overrides, input artifacts, output folder), as YAML comments."""
+    import shlex
+    from pathlib import Path
+
+    from slm_cli import pipeline
+    from slm_cli.__main__ import STAGES
+    from slm_cli.config import ConfigError
+    from slm_cli.config.precheck import check_command_line
+    from slm_cli.errors import SlmError
+    from slm_cli.paths import RECIPE_DIR
+    from slm_cli.runner import fail
+
+    # the same config without --cfg: composed and validated, as the run itself would be
+    line, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("--cfg", "-c"):
+            skip = True
+        elif not a.startswith("--cfg="):
+            line.append(a)
+    available = {s for s, (module, _) in STAGES.items() if module and s != "run"}
+    try:
+        configs = check_command_line("run", line, RunStageConfig)
+        for cfg in configs:
+            recipe = pipeline.load_recipe(pipeline.find_recipe(cfg.recipe, RECIPE_DIR), available)
+            root = Path(cfg.output_root or recipe.output_root)
+            given = {**recipe.inputs, **{k: v for k, v in cfg.inputs.items() if v is not None}}
+            print(f"# the stages this runs, in order ({recipe.path} -> {root}):")
+            for spec, sources, out in pipeline.plan(recipe, root, given):
+                missing = {k: spec.inputs[k] for k, p in sources.items() if p is None}
+                known = {k: p for k, p in sources.items() if p is not None}
+                words = ["slm", spec.stage, *pipeline.stage_overrides(spec, known, out)]
+                words[-1:-1] = [f"{k}=<inputs.{src}: not given>" for k, src in missing.items()]
+                print(f"#   {spec.name}: {shlex.join(words)}")
+    except (ConfigError, SlmError) as exc:
+        fail(str(exc))
+
+
 def run(cfg: RunStageConfig, resolved: dict) -> dict:
     import json
     import os
@@ -54,9 +95,7 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
     # --- run ---------------------------------------------------------------------------------
     outputs: dict[str, Path] = {n: Path(p) for n, p in given.items() if p}
     summary = []
-    for spec in recipe.stages:
-        out = root / spec.name
-        sources = {key: outputs[src] for key, src in spec.inputs.items()}
+    for spec, sources, out in pipeline.plan(recipe, root, given):
         key = pipeline.run_key(spec, {k: content_hash(p) for k, p in sources.items()})
         if not cfg.force and pipeline.is_done(state, spec.name, key, out):
             ui.console.print(f"[green]✓[/green] {spec.name} ({spec.stage}): up to date, skipped")
@@ -65,10 +104,8 @@ def run(cfg: RunStageConfig, resolved: dict) -> dict:
             continue
         tag = {"root": str(root.resolve()), "name": spec.name}
         replace = _may_replace(out, tag, spec.name)
-        cmd = [sys.executable, "-m", "slm_cli", spec.stage, *spec.overrides,
-               *(f"{k}={Path(p).resolve()}" for k, p in sources.items()),
-               f"output_dir={out.resolve()}", f"hydra.run.dir={(root / 'logs' / spec.name).resolve()}",
-               *(["overwrite=true"] if replace else [])]
+        cmd = [sys.executable, "-m", "slm_cli", spec.stage, *pipeline.stage_overrides(spec, sources, out),
+               f"hydra.run.dir={(root / 'logs' / spec.name).resolve()}", *(["overwrite=true"] if replace else [])]
         ui.console.rule(f"{spec.name}: slm {spec.stage}")
         t0 = time.perf_counter()
         code = subprocess.call(cmd, env={**env, PIPELINE_ENV: json.dumps(tag)})
