@@ -247,6 +247,13 @@ def adopt_user_config(values: dict, explicit: set[str] | None = None) -> list[st
             _set_path(values, slm_key, value)
         elif value != current:
             notes.append(f"{slm_key}={current} (yours) replaces {ds_key}={raw!r} of {path}")
+    # A JSON offload the stage you chose cannot run is dropped, not turned into a config error about a
+    # key you never set: DeepSpeed offloads parameters only under ZeRO-3, the optimizer from ZeRO-1.
+    stage = ds.get("zero_stage")
+    for key, needs, ok in (("offload_param", "ZeRO-3", stage == 3), ("offload_optimizer", "ZeRO >= 1", stage != 0)):
+        if not ok and ds.get(key) != "none" and f"deepspeed.{key}" not in explicit:
+            ds[key] = "none"
+            notes.append(f"zero_optimization.{key} of {path} is not used: it needs {needs}, and deepspeed.zero_stage={stage}")
     return notes
 
 

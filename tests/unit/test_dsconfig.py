@@ -121,8 +121,11 @@ def test_your_settings_win_over_the_json_and_each_replaced_value_is_named():
     assert not any("train.micro_batch_size" in n for n in notes)  # the JSON says "auto" there: nothing replaced
     assert "scheduler" not in ds  # slm's own schedule drives the learning rate
     assert ds["optimizer"]["params"]["lr"] == 1e-2
-    # the JSON's other settings still stand where you set nothing
-    assert values["deepspeed"]["offload_param"] == "cpu" and values["train"]["max_grad_norm"] == 0.5
+    # the JSON's other settings still stand where you set nothing; an offload your ZeRO stage cannot run is dropped
+    assert values["train"]["max_grad_norm"] == 0.5
+    assert values["deepspeed"]["offload_param"] == values["deepspeed"]["offload_optimizer"] == "none"
+    assert "zero_optimization.offload_param of " in "\n".join(notes) and "it needs ZeRO-3, and deepspeed.zero_stage=0" in "\n".join(notes)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "none"
 
 
 def test_your_offload_none_turns_the_json_offload_off():
