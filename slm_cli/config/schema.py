@@ -573,6 +573,7 @@ class ReportStageConfig:
     stage: str = "report"  # which stage this config drives
     artifacts: Union[list[str], str] = field(default_factory=list)  # artifact folders (or a pipeline's output_root); parents are found via slm.json
     title: str = "slm report"  # heading of report.md and the plot
+    evaluate: bool = True  # score every artifact on the test split of the lineage's task data (completion CE, exact match/AUC); false = recorded numbers only
     output_dir: str = "outputs/report/results"  # report.md, report.json and report.png are written here
     overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
 

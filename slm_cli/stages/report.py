@@ -1,9 +1,11 @@
 """`slm report`: the artifacts of a lineage side by side, relative to the teacher.
 
-Reads top to bottom: setup (the folders named, or every artifact in a pipeline's output_root)
--> run (follow slm.json parents back to the roots, one row per checkpoint by content hash) ->
-save (table on the terminal; report.md, report.json and report.png in output_dir). The work is
-slm_cli/report.py's `write_report`, which `slm run` also calls at the end of a pipeline.
+Reads top to bottom: setup (the folders named: artifacts, a pipeline's output_root, a Hydra
+multirun folder, `slm bench` results) -> run (follow slm.json parents back to the roots, one row
+per checkpoint by content hash; score every one on the test split of the lineage's task data,
+unless evaluate=false) -> save (table on the terminal; report.md, report.json and report.png in
+output_dir). The work is slm_cli/report.py's `write_report`, which `slm run` also calls at the
+end of a pipeline.
 
 Folders may follow the stage word: `slm report A B` means `slm report 'artifacts=[A,B]'`.
 """
@@ -58,4 +60,4 @@ def run(cfg: ReportStageConfig, resolved: dict) -> dict:
 
     # --- run and save ------------------------------------------------------------------------
     folders = [cfg.artifacts] if isinstance(cfg.artifacts, str) else list(cfg.artifacts)  # one folder from a pipeline input
-    return write_report([Path(a) for a in folders], Path(cfg.output_dir), cfg.title, overwrite=cfg.overwrite)
+    return write_report([Path(a) for a in folders], Path(cfg.output_dir), cfg.title, overwrite=cfg.overwrite, evaluate=cfg.evaluate)
