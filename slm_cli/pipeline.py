@@ -99,7 +99,9 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
         raise SlmError(f"{path} is not valid YAML: {exc}") from exc
     problems: list[str] = []
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
-        raise SlmError(f"{path}: a pipeline recipe needs a non-empty `stages:` list.")
+        hint = (" It looks like one stage's config (it has a defaults list): run it with `slm <stage> --config "
+                f"{path}`." if isinstance(data, dict) and "defaults" in data else "")
+        raise SlmError(f"{path}: a pipeline recipe needs a non-empty `stages:` list.{hint}")
     unknown = set(data) - {"output_root", "inputs", "stages"}
     if unknown:
         problems.append(f"unknown top-level keys {sorted(unknown)} (valid: output_root, inputs, stages)")
