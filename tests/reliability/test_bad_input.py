@@ -33,7 +33,7 @@ NO_COMPLETION = '{"prompt": "1+1="}\n'
 
 def ds_json(tmp_path: Path) -> Path:
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}))
+    path.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}, "zero_optimization": {"stage": 0}}))
     return path
 
 
@@ -107,10 +107,10 @@ CASES = {
         lambda t, f: ["teacher", *TEACHER, "launcher.nproc_per_node=4096"],
         ["launcher.nproc_per_node=4096 but this machine has", "set launcher.nproc_per_node to at most"],
     ),
-    "DeepSpeed JSON conflicting with the config": (
+    "DeepSpeed JSON with an optimizer slm cannot run": (
         lambda t, f: ["teacher", *TEACHER, f"deepspeed.config_file={ds_json(t)}"],
-        ["deepspeed.config_file conflicts with the slm config",
-         "train_micro_batch_size_per_gpu: 4 in {t}/ds.json, but the slm config gives 16", "Make them agree"],
+        ["deepspeed.config_file={t}/ds.json:", "optimizer.type='Lamb': slm trains with Adam or AdamW",
+         'set "type": "AdamW" or remove the optimizer block'],
     ),
 }
 
