@@ -191,7 +191,7 @@ class DeepSpeedConfig:
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 0  # ZeRO stage 0-3 (0 = plain data parallel)
     offload_optimizer: str = "none"  # none | cpu: keep optimizer state in CPU memory (ZeRO >= 1, DeepSpeedCPUAdam)
     offload_param: str = "none"  # none | cpu: keep parameters in CPU memory (ZeRO-3 only)
-    config_file: Optional[str] = None  # your own DeepSpeed JSON; slm fills only the keys it leaves unset
+    config_file: Optional[str] = None  # your own DeepSpeed JSON: its settings stand where you set none for slm; "auto" is filled
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []

@@ -192,3 +192,27 @@ def test_adopt_leaves_configs_without_a_json_alone():
     values = {"stage": "prune", "model": {"name_or_path": "x"}}
     before = copy.deepcopy(values)
     assert adopt_user_config(values) == [] and values == before
+
+
+def test_explicit_keys_reads_hydra_overrides_and_group_choices():
+    """The Hydra side of explicit_keys, on the shipped teacher config (no training)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from slm_cli.engine.dsconfig import explicit_keys
+    from slm_cli.paths import CONFIG_DIR
+
+    overrides = ["deepspeed=zero2-offload", "train.micro_batch_size=16", "train.lr=1e-2"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("teacher", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            values = {"stage": "teacher", "train": OmegaConf.to_container(cfg.train, resolve=True),
+                      "deepspeed": OmegaConf.to_container(cfg.deepspeed, resolve=True)}
+            keys = explicit_keys(values)
+        finally:
+            HydraConfig.instance().cfg = None
+    # named (16 is also the default), changed by the group choice; offload_param=none is the default and unnamed
+    assert {"train.micro_batch_size", "train.lr", "deepspeed.zero_stage", "deepspeed.offload_optimizer"} <= keys
+    assert "deepspeed.offload_param" not in keys and "train.grad_accum" not in keys
