@@ -60,6 +60,9 @@ def test_cp_writes_an_editable_copy_and_refuses_to_overwrite(slm, tmp_path, caps
     assert slm("cp", "../configs/teacher", "x.yaml") == 2  # names only: nothing outside what is shipped
     assert slm("cp", "teacher") == 2
     assert "usage: slm cp" in capsys.readouterr().err
+    assert slm("cp") == 0
+    listed = capsys.readouterr().out
+    assert "usage: slm cp" in listed and all(name in listed for name in ("teacher", "distill/sft_then_on_policy", "quickstart"))
     assert not (tmp_path / "x.yaml").exists()
 
 
@@ -97,6 +100,14 @@ def test_a_preset_of_your_own_starts_from_the_stage_config(slm, tmp_path, capsys
         assert cfg["stage"] == "teacher" and cfg["train"]["lr"] == _config(_job(capsys, slm, "teacher")[1])["train"]["lr"]
     code, out, _ = _job(capsys, slm, "teacher", "--config", "sub/mine.yaml", "train.max_steps=3")
     assert code == 0 and _config(out)["train"]["max_steps"] == 3  # the command line still wins
+
+    # the file's folder comes first on Hydra's search path: a group option beside it is usable by name
+    (tmp_path / "sub" / "model").mkdir()
+    option = yaml.safe_load((CONFIG_DIR / "model" / "tiny-llama.yaml").read_text())
+    (tmp_path / "sub" / "model" / "mine.yaml").write_text(yaml.safe_dump({**option, "hidden_size": 48}))
+    code, out, err = _job(capsys, slm, "teacher", "--config", "sub/mine.yaml", "model=mine")
+    assert code == 0, err
+    assert _config(out)["model"]["hidden_size"] == 48 and _config(out)["train"]["max_steps"] == 7
 
 
 @pytest.mark.parametrize("args,files,message", [
