@@ -60,6 +60,9 @@ TRAINABLE_TYPES = (LANGUAGE_MODELING, CONVERSATIONAL_LANGUAGE_MODELING, PROMPT_C
 PROMPT_TURNS = "prompt_turns"
 FILE_BUILDERS = {".csv": "csv", ".parquet": "parquet"}  # read with datasets.load_dataset; .jsonl and .json by slm
 DATA_SUFFIXES = (".jsonl", ".json", *FILE_BUILDERS)
+# pandas would read a completion " 42" as the integer 42 and a prompt "NA" as missing: the text
+# columns keep the cell's characters as they are.
+CSV_AS_TEXT = {"converters": {key: str for key in ("text", "prompt", "completion", "messages")}, "keep_default_na": False}
 SPLITS = ("train", "validation", "test")
 JSONL_SPLIT_FILES = {split: f"{split}.jsonl" for split in SPLITS}
 HUB_PREFIX = "hub:"
@@ -363,7 +366,8 @@ def read_data_files(files: dict[str, Path]) -> dict[str, list[dict]]:
         try:
             with _quiet_datasets():
                 loaded[split] = datasets.load_dataset(
-                    builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets")
+                    builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"),
+                    **(CSV_AS_TEXT if builder == "csv" else {}),
                 )
         except Exception as exc:  # noqa: BLE001 - any reader failure on a user's file is reported as a data error
             raise DataError(

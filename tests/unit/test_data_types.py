@@ -69,6 +69,11 @@ def test_csv_reads_standard_types(tmp_path):
     ]
     (tmp_path / "lm.csv").write_text("text\nThe sky is blue.\n")
     assert read_user_data(tmp_path / "lm.csv")["train"] == [{"text": "The sky is blue."}]
+    # cells stay text: a completion " 42" is not the number 42, a prompt "NA" is not missing
+    (tmp_path / "num.csv").write_text('prompt,completion\n6 * 7 =, 42\nNA,0042\n')
+    assert read_user_data(tmp_path / "num.csv")["train"] == [
+        {"prompt": "6 * 7 =", "completion": " 42"}, {"prompt": "NA", "completion": "0042"},
+    ]
 
 
 def test_chat_in_a_csv_cell_is_refused_with_the_file_types_that_hold_it(tmp_path):
