@@ -7,13 +7,14 @@ loads again with plain `AutoModelForCausalLM.from_pretrained`.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from slm_cli.errors import SlmError
-from slm_cli.pretrained import check_model_folder
+from slm_cli.pretrained import ADAPTER_WEIGHTS, check_model_folder, has_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,14 +38,92 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, field: str = "mod
 
 
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model.name_or_path"):
-    """A pretrained causal LM from a local folder, hub id, .gguf file or built-in name, in `dtype` ("auto" = as saved)."""
+    """A pretrained causal LM from a local folder, hub id, .gguf file or built-in name, in `dtype` ("auto" = as saved).
+
+    A folder holding a LoRA adapter beside its base weights (`train.lora.merge=false`) comes back
+    with the adapter merged in: every stage sees the model that was trained, never the base alone.
+    """
     path = check_model_folder(path, field, tokenizer=False)
+    return load_checked(path, field, dtype="auto" if dtype == "auto" else torch_dtype(dtype), trust_remote_code=trust_remote_code)
+
+
+def load_checked(path: str, field: str, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` that refuses a half-loaded model and merges an adapter.
+
+    transformers fills a weight the checkpoint lacks with fresh random values and only logs it (and
+    ignores a tensor that finds no place), so a checkpoint whose names do not match the architecture
+    (e.g. PEFT-wrapped `base_layer` / `lora_A` keys) would be scored or trained as a random model.
+    Here any missing or unexpected key is an error naming the folder.
+
+    A LoRA adapter beside the weights is merged in (`merge_adapter`). transformers 5 would attach it
+    by itself, as unmerged peft layers, and then report on the adapter's keys only; so the base is
+    loaded from a view of the folder without the adapter files, checked, and the adapter merged after.
+    """
+    if not (local_folder(path) and has_adapter(path)):
+        return _load_whole(path, path, field, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="slm-base-") as view:
+        for file in Path(path).iterdir():
+            if not file.name.startswith("adapter_"):
+                (Path(view) / file.name).symlink_to(file.resolve())
+        model = _load_whole(view, path, field, **kwargs)
+    model.name_or_path = model.config.name_or_path = path
+    return merge_adapter(model, path, field)
+
+
+def _load_whole(source: str, path: str, field: str, **kwargs) -> PreTrainedModel:
+    """The model in `source` (the folder `path`, or a view of it), every weight found in the checkpoint."""
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype="auto" if dtype == "auto" else torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise SlmError(f"{field}={path} could not be loaded as a causal LM: {exc}") from exc
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing or unexpected:
+        wrapped = any(".base_layer." in k or ".lora_" in k for k in unexpected)
+        raise SlmError(
+            f"{field}={path}: its weights do not match its config.json ({_some('missing', missing)}"
+            f"{'; ' if missing and unexpected else ''}{_some('unexpected', unexpected)}), so transformers would fill "
+            "the missing ones with random values. "
+            + ("The weight names are PEFT-wrapped (base_layer, lora_A): the base was saved with its adapter layers "
+               "inside. Load it with peft, merge_and_unload(), and save_pretrained the result into a new folder."
+               if wrapped else "Save the model again with save_pretrained, or copy the folder again from its source.")
+        )
+    return model
+
+
+def _some(what: str, keys: list[str]) -> str:
+    return f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}" if keys else ""
+
+
+def local_folder(path: str) -> bool:
+    return Path(path).expanduser().is_dir()
+
+
+def merge_adapter(model: PreTrainedModel, folder: str, field: str) -> PreTrainedModel:
+    """`model` with the LoRA adapter saved in `folder` merged into its weights (W + (alpha/r)·B·A).
+
+    The adapter is read from `folder` whatever its adapter_config.json's base_model_name_or_path
+    says: the base is the checkpoint beside it, already in `model`. Every adapter tensor must find
+    its layer and every layer its tensors, as for the base weights.
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(folder)
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    peft_model = PeftModel(model, config)
+    misfit = (f"{field}={folder}: its LoRA adapter ({ADAPTER_WEIGHTS}) does not fit the base model beside it "
+              "({}). It was trained on another model: put it beside the base it was trained on.")
+    try:
+        result = peft_model.load_adapter(folder, adapter_name="default")
+    except RuntimeError as exc:  # torch's load_state_dict: tensors of the wrong shape
+        raise SlmError(misfit.format(str(exc).strip().splitlines()[-1].strip())) from None
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise SlmError(misfit.format(f"{_some('missing', missing)}{'; ' if missing and unexpected else ''}{_some('unexpected', unexpected)}"))
+    merged = peft_model.merge_and_unload()
+    # wrapping froze the base weights; a stage that trains this model expects them as loaded
+    for name, param in merged.named_parameters():
+        param.requires_grad_(trainable.get(name, True))
+    return merged
 
 
 def build_model(mcfg, tokenizer) -> PreTrainedModel:

@@ -281,6 +281,15 @@ NOT_A_MODEL = {
     "adapter_config.json": "a LoRA adapter, not a whole model; merge it into its base model (peft's merge_and_unload, "
     "then save_pretrained) and give that folder",
 }
+# A PEFT adapter saved beside its base checkpoint (what `train.lora.merge=false` writes): slm merges
+# it into the base on load, so a folder holding one is never read as the base alone.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def has_adapter(folder: str | Path) -> bool:
+    """The folder holds a PEFT adapter (adapter_config.json) beside its own weights."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
 def looks_local(path: str) -> bool:
@@ -296,8 +305,9 @@ def check_model_folder(
     Local folders: config.json parses and names a model_type; the safetensors files are whole (each
     header is read and its tensors must cover the file exactly); weights that exist only as pickles
     are refused (slm never unpickles); a tokenizer is present when `tokenizer`; a quantized checkpoint
-    is refused unless `quantized_ok`. Hub ids: see `check_hub_model`. Every error names the field,
-    the path and the fix. Returns the folder to load (a built-in name or .gguf file converted once).
+    is refused unless `quantized_ok`; a LoRA adapter beside the weights (adapter_config.json, as
+    `train.lora.merge=false` writes) is checked like them, since loading merges it. Hub ids: see
+    `check_hub_model`. Every error names the field, the path and the fix. Returns the folder to load (a built-in name or .gguf file converted once).
     """
     path = resolve_model_path(path, field)
     if not looks_local(path):
@@ -327,6 +337,8 @@ def check_model_folder(
     check_readable(p, field)
     if weights:
         _check_weights(p, field, path)
+        if has_adapter(p):
+            _check_adapter(p, field, path)
     if tokenizer:
         _check_tokenizer_files(p, field, path)
     if not quantized_ok and config.get("quantization_config"):
@@ -415,6 +427,31 @@ def _check_weights(folder: Path, field: str, path: str) -> None:
         )
     for file in files:
         _check_safetensors(file, field, path)
+
+
+def _check_adapter(folder: Path, field: str, path: str) -> None:
+    """The adapter beside the base weights is one slm can merge: a LoRA config that parses and its
+    weights in a whole safetensors file (peft would fall back to unpickling adapter_model.bin)."""
+    file = folder / ADAPTER_CONFIG
+    alone = "or delete adapter_config.json and adapter_model.* to use the base model alone."
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SlmError(f"{field}={path}: {file.name} is damaged ({exc}). Copy the adapter files again, {alone}") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "LORA":
+        raise SlmError(
+            f"{field}={path}: {file.name} has peft_type={peft_type!r}; slm merges LoRA adapters only. Merge it "
+            f"yourself (peft's merge_and_unload, then save_pretrained into a new folder), {alone}"
+        )
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickles = sorted(f.name for f in folder.glob("adapter_model.*") if f.is_file())
+        held = (f"holds its weights only as {', '.join(pickles)}, a Python pickle, which slm never loads" if pickles
+                else f"has no {ADAPTER_WEIGHTS}")
+        raise SlmError(f"{field}={path} has a LoRA adapter ({file.name}) that {held}. Save the adapter again with "
+                       f"peft's save_pretrained (safetensors is its default), {alone}")
+    _check_safetensors(weights, field, path)
 
 
 def _check_safetensors(file: Path, field: str, path: str) -> None:

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from slm_cli.pretrained import ADAPTER_WEIGHTS, has_adapter
+
 FP8_NOTE = "n/a (no FP8 kernels on CPU)"
 # Tensors of a compressed-tensors checkpoint that carry quantization metadata, not parameters.
 _NON_PARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "weight_shape")
@@ -109,7 +111,8 @@ def safetensors_params(folder: str | Path) -> int:
     FP8 model counts the same parameters as its source. Tied embeddings are stored once.
     """
     total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    # a LoRA adapter beside the base (train.lora.merge=false) is merged on load: the model has the base's parameters
+    for path in sorted(f for f in Path(folder).glob("*.safetensors") if f.name != ADAPTER_WEIGHTS):
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
@@ -376,7 +379,7 @@ def measure(spec: dict) -> dict:
     }
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils.logging import disable_progress_bar
 
     disable_progress_bar()
@@ -399,11 +402,15 @@ def measure(spec: dict) -> dict:
         _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the modeling module
     if spec.get("scoring"):
         import slm_cli.data.tasks  # noqa: F401
+    from slm_cli.models import load_checked
+
+    if has_adapter(path):  # the LoRA adapter is merged on load, by peft: its import is not the model's memory either
+        import peft  # noqa: F401
     q = torch.ones(1, 1, 4, 8)  # the math libraries' one-off workspaces are the process's, not the model's
     torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True) @ torch.ones(8, 8)
     base = rss_mb()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=spec.get("trust_remote_code", False))
+    model = load_checked(path, "bench", dtype="auto", trust_remote_code=spec.get("trust_remote_code", False))
     model = model.to(device).eval()
     result["load_s"] = time.perf_counter() - t0
     result["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")

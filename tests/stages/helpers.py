@@ -45,11 +45,14 @@ def loss_fell(folder, k: int = 3) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def reloaded_val_loss(folder) -> float:
-    """Validation loss of the saved artifact, loaded with plain transformers, on the run's own validation batches."""
+def reloaded_val_loss(folder, model=None) -> float:
+    """Validation loss of the saved artifact, loaded with plain transformers (or `model`, loaded from it some
+    other way), on the run's own validation batches."""
     m = meta(folder)
     cfg = m["config"]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = model.eval()
     tok = AutoTokenizer.from_pretrained(folder)
     d = cfg["data"]
     splits = load_splits(
