@@ -122,7 +122,9 @@ def _check_variant(hydra: Any, config_name: str, overrides: list[str], strict: b
     typed = None
     if validate_values and cfg is not None:  # the overrides set aside are named above; check the rest too
         try:
-            typed = validate(_values(cfg), schema)
+            values = _values(cfg)
+            _adopt_deepspeed_json(hydra, values, overrides)
+            typed = validate(values, schema)
         except ConfigError as exc:
             problems += exc.problems
         except OmegaConfBaseException as exc:  # an interpolation that does not resolve
@@ -229,6 +231,21 @@ def _unknown_key(key: str, cfg: Any) -> str:
             return f"unknown key {key!r}{hint} (valid keys here: {', '.join(str(k) for k in node)})"
         node = node[part]
     return f"unknown key {key!r}"
+
+
+def _adopt_deepspeed_json(hydra: Any, values: dict, overrides: list[str]) -> None:
+    """Take in deepspeed.config_file's settings as the stage will (runner.run_stage), so the config
+    checked is the one that runs: `deepspeed.offload_optimizer=cpu` beside a JSON that says ZeRO-2 is valid."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from slm_cli.engine.dsconfig import adopt_user_config, explicit_from
+
+    if not (values.get("deepspeed") or {}).get("config_file"):
+        return
+    base = hydra.compose_config(values["stage"], [], run_mode=RunMode.RUN, with_log_configuration=False)
+    defaults = {g: OmegaConf.to_container(base[g], resolve=True) for g in ("train", "deepspeed") if g in base}
+    adopt_user_config(values, explicit_from(values, overrides, defaults))
 
 
 def _values(cfg: Any) -> dict:

@@ -191,10 +191,11 @@ def explicit_keys(values: dict) -> set[str]:
     for group in ("train", "deepspeed"):
         if group in base:
             defaults[group] = OmegaConf.to_container(base[group], resolve=True)
-    return _explicit(values, overrides, defaults)
+    return explicit_from(values, overrides, defaults)
 
 
-def _explicit(values: dict, overrides: list[str], defaults: dict) -> set[str]:
+def explicit_from(values: dict, overrides: list[str], defaults: dict) -> set[str]:
+    """`explicit_keys` given the command line's overrides and the stage config's own `defaults`."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     for group in ("train", "deepspeed"):
         now = _flatten(values.get(group) or {}, group)

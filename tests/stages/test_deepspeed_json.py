@@ -164,3 +164,22 @@ def test_optimizer_block_runs_torch_adamw_or_cpu_adam_in_a_real_engine():
     engine = _engine("zero2_offload_adamw_warmuplr.json")
     assert type(engine.basic_optimizer) is DeepSpeedCPUAdam
     assert type(engine.lr_scheduler) is WarmupLR and engine.zero_optimization_stage() == 2
+
+
+def test_resume_under_the_json_scheduler_matches_the_uninterrupted_run(slm, tmp_path):
+    """The JSON's scheduler (DeepSpeed's, not slm's) is checkpointed and restored: same lr and loss every step."""
+    import os
+
+    from tests.stages.helpers import run_cli
+
+    common = ["teacher", *TINY, f"train.max_steps={STEPS}", "train.save_every=2",
+              f"deepspeed.config_file={FIXTURES / 'zero1_adamw_cosine_bf16.json'}"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert slm(*common, f"output_dir={straight}") == 0
+    env = dict(os.environ, SLM_TEST_KILL_AT="after-checkpoint:2")
+    proc = run_cli([*common, f"output_dir={resumed}", f"hydra.run.dir={tmp_path}/logs"], env=env, cwd=tmp_path)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert slm(*common, f"output_dir={resumed}") == 0
+    a, b = metrics_rows(straight), metrics_rows(resumed)
+    assert [r["lr"] for r in b] == [r["lr"] for r in a]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)

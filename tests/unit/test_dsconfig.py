@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from slm_cli.config.schema import DeepSpeedConfig, TrainConfig
-from slm_cli.engine.dsconfig import _explicit, adopt_user_config, build_ds_config, frozen_zero3_config
+from slm_cli.engine.dsconfig import adopt_user_config, explicit_from, build_ds_config, frozen_zero3_config
 from slm_cli.errors import SlmError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "deepspeed"
@@ -142,7 +142,7 @@ def test_explicit_means_named_on_the_command_line_or_changed_from_the_stage_defa
     defaults = {"train": {"lr": 3e-3, "micro_batch_size": 16}, "deepspeed": {"zero_stage": 0, "offload_param": "none"}}
     values = {"train": {"lr": 3e-3, "micro_batch_size": 16}, "deepspeed": {"zero_stage": 2, "offload_param": "none"}}
     # a recipe or deepspeed=zero2 changed zero_stage; train.micro_batch_size=16 is named though it equals the default
-    assert _explicit(values, ["train.micro_batch_size=16", "deepspeed=zero2"], defaults) == {
+    assert explicit_from(values, ["train.micro_batch_size=16", "deepspeed=zero2"], defaults) == {
         "deepspeed.zero_stage", "train.micro_batch_size", "deepspeed"}
 
 
@@ -216,3 +216,15 @@ def test_explicit_keys_reads_hydra_overrides_and_group_choices():
     # named (16 is also the default), changed by the group choice; offload_param=none is the default and unnamed
     assert {"train.micro_batch_size", "train.lr", "deepspeed.zero_stage", "deepspeed.offload_optimizer"} <= keys
     assert "deepspeed.offload_param" not in keys and "train.grad_accum" not in keys
+
+
+def test_the_command_line_check_sees_the_json_settings():
+    """slm's up-front check validates the config that will run: offload on the command line beside a ZeRO-2 JSON is fine."""
+    from slm_cli.config import STAGE_SCHEMAS
+    from slm_cli.config.precheck import check_command_line
+
+    (typed,) = check_command_line("teacher", [f"deepspeed.config_file={FIXTURES / 'zero2_auto.json'}",
+                                              "deepspeed.offload_optimizer=cpu"], STAGE_SCHEMAS["teacher"])
+    assert typed.deepspeed.zero_stage == 2 and typed.deepspeed.offload_optimizer == "cpu"
+    with pytest.raises(SlmError, match="no such file"):  # reported before Hydra makes a run folder
+        check_command_line("teacher", [f"deepspeed.config_file={FIXTURES / 'missing.json'}"], STAGE_SCHEMAS["teacher"])
