@@ -105,10 +105,9 @@ class _Lines:
         return " | ".join(parts)
 
     def due(self, final: bool) -> bool:
-        if final:
-            return self.printed_at != self.completed
-        now = time.monotonic()
-        return self.last_line is None or now - self.last_line >= self.every_s
+        if self.printed_at == self.completed:  # no news since the last line
+            return False
+        return final or self.last_line is None or time.monotonic() - self.last_line >= self.every_s
 
 
 class TaskProgress:

@@ -357,7 +357,24 @@ def prefix_reuse_speed(model, tokenizer, prefix_examples: int, items: int, batch
 # --- one artifact, measured in its own process -------------------------------------------------
 
 
-def measure(spec: dict) -> dict:
+def measurements(spec: dict) -> int:
+    """How many timed measurements `measure(spec)` makes: the total its progress counts to."""
+    prefill = len(spec["prefill_batch_sizes"]) * len(spec["prefill_seq_lens"])
+    return prefill + len(spec["decode_batch_sizes"]) + (1 if spec.get("scoring") else 0)
+
+
+# A line the measuring subprocess prints after each measurement: "<prefix> <done> <total>".
+PROGRESS_PREFIX = "slm-bench-progress"
+
+
+def parse_progress(line: str) -> tuple[int, int] | None:
+    parts = line.split()
+    if len(parts) == 3 and parts[0] == PROGRESS_PREFIX and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1]), int(parts[2])
+    return None
+
+
+def measure(spec: dict, progress: Callable[[int, int], None] | None = None) -> dict:
     """Every number for one model folder. `spec` holds: path, device, warmup, repeats,
     prefill_batch_sizes, prefill_seq_lens, decode_batch_sizes, decode_prompt_len, decode_new_tokens,
     scoring (dict or None: prefix_examples, items, batch_size), seed, threads, isolated (True when
@@ -365,6 +382,7 @@ def measure(spec: dict) -> dict:
 
     An FP8 (compressed-tensors) checkpoint on CPU is not timed: there are no FP8 matmul kernels
     here, so a number would measure emulation and dequantization, not the format's speed.
+    ``progress(done, total)`` is called after each measurement (total: ``measurements(spec)``).
     """
     path = spec["path"]
     cfg = read_config(path)
@@ -415,18 +433,27 @@ def measure(spec: dict) -> dict:
     result["load_s"] = time.perf_counter() - t0
     result["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     w, r, seed = spec["warmup"], spec["repeats"], spec.get("seed", 0)
+    done, total = 0, measurements(spec)
+
+    def measured(value):
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return value
+
     result["prefill"] = [
-        {"batch_size": b, "seq_len": n, "ms": _scaled(prefill_latency(model, b, n, w, r, seed), 1000.0)}
+        measured({"batch_size": b, "seq_len": n, "ms": _scaled(prefill_latency(model, b, n, w, r, seed), 1000.0)})
         for b in spec["prefill_batch_sizes"]
         for n in spec["prefill_seq_lens"]
     ]
     result["decode"] = [
-        {
+        measured({
             "batch_size": b,
             "prompt_len": spec["decode_prompt_len"],
             "new_tokens": spec["decode_new_tokens"],
             "tokens_per_s": decode_throughput(model, b, spec["decode_prompt_len"], spec["decode_new_tokens"], w, r, seed),
-        }
+        })
         for b in spec["decode_batch_sizes"]
     ]
     scoring = spec.get("scoring")
@@ -439,6 +466,7 @@ def measure(spec: dict) -> dict:
             result["scoring"] = prefix_reuse_speed(
                 model, tokenizer, scoring["prefix_examples"], scoring["items"], scoring["batch_size"], w, r, seed
             )
+        measured(None)
     # the headline numbers the report shows: the first prefill setting and the first decode setting
     result["latency_ms"] = result["prefill"][0]["ms"]["median"] if result["prefill"] else None
     result["decode_tokens_per_s"] = result["decode"][0]["tokens_per_s"]["median"] if result["decode"] else None
@@ -465,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m slm_cli.evaluate.speed SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(args[0]).read_text())
-    Path(args[1]).write_text(json.dumps(measure({**spec, "isolated": True}), indent=2))
+    # progress goes to stdout, one line per measurement, for `slm bench` to show (the result goes to the file)
+    def report(done: int, total: int) -> None:
+        print(PROGRESS_PREFIX, done, total, flush=True)
+
+    Path(args[1]).write_text(json.dumps(measure({**spec, "isolated": True}, progress=report), indent=2))
     return 0
 
 

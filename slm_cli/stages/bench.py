@@ -100,15 +100,22 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
 
     # --- run ---------------------------------------------------------------------------------
     results = []
-    for name, path in zip(names, folders):
-        # Only the user's own flag trusts checkpoint code: anyone can write an artifact's slm.json.
-        spec = {**spec_base, "path": str(path), "trust_remote_code": cfg.trust_remote_code}
-        with ui.console.status(f"measuring {name}"):
-            result = _measure_in_subprocess(spec) if b.isolate else speed.measure(spec)
-        result["stage"] = (meta[path] or {}).get("stage")
-        result["name"] = name
-        results.append(result)
-        ui.console.print(f"[green]✓[/green] {result['name']}: {result.get('note') or _headline(result)}")
+    # a bar with ETA over every measurement of every artifact on a terminal; off one, a line every SLM_LOG_EVERY seconds
+    per_artifact = speed.measurements(spec_base)
+    with ui.progress("measuring", total=per_artifact * len(names), unit="measurements") as bar:
+        for i, (name, path) in enumerate(zip(names, folders)):
+            # Only the user's own flag trusts checkpoint code: anyone can write an artifact's slm.json.
+            spec = {**spec_base, "path": str(path), "trust_remote_code": cfg.trust_remote_code}
+
+            def advance(done: int, _total: int, before: int = i * per_artifact) -> None:
+                bar.update(completed=before + done)
+
+            result = _measure_in_subprocess(spec, advance) if b.isolate else speed.measure(spec, advance)
+            result["stage"] = (meta[path] or {}).get("stage")
+            result["name"] = name
+            results.append(result)
+            ui.console.print(f"[green]✓[/green] {result['name']}: {result.get('note') or _headline(result)}")
+            bar.update(completed=(i + 1) * per_artifact)  # an FP8 checkpoint on CPU is not timed: its share is done
 
     # --- save --------------------------------------------------------------------------------
     out = Path(cfg.output_dir)
@@ -198,25 +205,39 @@ def _timing_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _measure_in_subprocess(spec: dict) -> dict:
-    """speed.measure(spec) in a fresh Python process, so its peak memory is this model's alone."""
+def _measure_in_subprocess(spec: dict, progress=None) -> dict:
+    """speed.measure(spec) in a fresh Python process, so its peak memory is this model's alone.
+
+    The process prints a progress line per measurement on stdout, passed on to `progress(done, total)`.
+    """
     import json
     import os
     import subprocess
     import tempfile
 
     from slm_cli.errors import SlmError
+    from slm_cli.evaluate.speed import parse_progress
 
     with tempfile.TemporaryDirectory(prefix="slm-bench-") as tmp:
         spec_file, result_file = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec_file, "w") as f:
             json.dump(spec, f)
-        proc = subprocess.run(
-            [sys.executable, "-m", "slm_cli.evaluate.speed", spec_file, result_file], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise SlmError(f"measuring {spec['path']} failed (exit code {proc.returncode}):\n{tail}")
+        # stderr to a file: a pipe nobody reads while stdout is followed could fill and stall the process
+        with open(os.path.join(tmp, "stderr.txt"), "w+") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "slm_cli.evaluate.speed", spec_file, result_file],
+                stdout=subprocess.PIPE, stderr=err, text=True,
+            )
+            for line in proc.stdout:
+                done = parse_progress(line)
+                if done is not None and progress is not None:
+                    progress(*done)
+            code = proc.wait()
+            err.seek(0)
+            stderr = err.read()
+        if code != 0:
+            tail = "\n".join(stderr.strip().splitlines()[-15:])
+            raise SlmError(f"measuring {spec['path']} failed (exit code {code}):\n{tail}")
         with open(result_file) as f:
             return json.load(f)
 

@@ -39,7 +39,6 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     from pathlib import Path
 
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from transformers.utils.logging import disable_progress_bar
 
     from slm_cli import artifacts, models, ui
@@ -103,16 +102,10 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     )
 
     # --- run ---------------------------------------------------------------------------------
-    progress = Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=ui.console,
-    )
-    with progress:
-        bar = progress.add_task(metric, total=None)
-
-        def advance(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total)
-
+    # a bar with ETA on a terminal; off one, a line every SLM_LOG_EVERY seconds
+    unit = {"perplexity": "windows", "exact_match": "prompts"}.get(metric, "completions")
+    with ui.progress(metric, unit=unit) as bar:
+        advance = bar.callback
         if metric == "perplexity":
             result = perplexity(
                 model, tokenizer, data.text, window=cfg.eval.window, stride=cfg.eval.stride,

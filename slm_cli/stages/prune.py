@@ -135,18 +135,19 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
     eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
 
-    def score(m) -> dict:
-        return perplexity(
-            m, tokenizer, eval_text, window=cfg.eval.window, stride=cfg.eval.stride,
-            max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size,
-        )
+    def score(m, what: str) -> dict:
+        with ui.progress(f"perplexity of {what}", unit="windows") as bar:
+            return perplexity(
+                m, tokenizer, eval_text, window=cfg.eval.window, stride=cfg.eval.stride,
+                max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size, progress=bar.callback,
+            )
 
     # --- run ---------------------------------------------------------------------------------
-    with ui.console.status("perplexity of the source"):
-        ppl_source = score(model) if eval_text else None
-    with ui.console.status(f"pruning with {plan.method} ({len(calib)} x {calib.shape[1]} calibration tokens)"):
+    ppl_source = score(model, "the source") if eval_text else None
+    # OSSCAR takes minutes per layer on real models: a bar with ETA, or a line every SLM_LOG_EVERY s off a terminal
+    with ui.progress(f"pruning with {plan.method} ({len(calib)} x {calib.shape[1]} calibration tokens)", unit="layers") as bar:
         start = time.perf_counter()
-        model, report = prune_model(model, batches, plan)
+        model, report = prune_model(model, batches, plan, progress=bar.callback)
         prune_seconds = time.perf_counter() - start
     if report.params_after != predicted:  # the surgery and the prediction disagree: a bug, never publish it
         raise SlmError(f"the pruned model has {report.params_after:,} parameters, {predicted:,} were predicted")
@@ -155,10 +156,9 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     del model
     ppl_pruned = None
     if eval_text:
-        with ui.console.status("perplexity of the saved pruned checkpoint, loaded back"):
-            reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
-            ppl_pruned = score(reloaded)
-            del reloaded
+        reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
+        ppl_pruned = score(reloaded, "the saved pruned checkpoint, loaded back")
+        del reloaded
     ui.console.print(
         ui.records_table(
             f"{plan.method}: per-layer relative reconstruction error ||X W_hat - X W||^2 / ||X W||^2 "

@@ -92,25 +92,25 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         calib = list(rows.split(cfg.calibration.batch_size))
     eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
 
-    def score(m) -> dict:
-        return perplexity(
-            m, tokenizer, eval_text, window=cfg.eval.window, stride=cfg.eval.stride,
-            max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size,
-        )
+    def score(m, what: str) -> dict:
+        with ui.progress(f"perplexity of {what}", unit="windows") as bar:
+            return perplexity(
+                m, tokenizer, eval_text, window=cfg.eval.window, stride=cfg.eval.stride,
+                max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size, progress=bar.callback,
+            )
 
     # --- run ---------------------------------------------------------------------------------
-    with ui.console.status("perplexity of the source"):
-        ppl_source = score(model) if eval_text else None
+    ppl_source = score(model, "the source") if eval_text else None
     ppl_fp8 = None
     if eval_text and cfg.quant.fake_quant_eval:
-        with ui.console.status("perplexity of the fake-quantized model"):
-            fake = fake_quant_model(
-                model, cfg.quant.scheme, cfg.quant.ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype)
-            )
-            ppl_fp8 = score(fake)
-            del fake
-    with ui.console.status(f"quantizing to {cfg.quant.scheme}"):
-        quantize_fp8(model, cfg.quant.scheme, cfg.quant.ignore, calib)
+        fake = fake_quant_model(
+            model, cfg.quant.scheme, cfg.quant.ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype)
+        )
+        ppl_fp8 = score(fake, "the fake-quantized model")
+        del fake
+    # only a static scheme has slow work to follow (calibration batches); the weight scales take seconds
+    with ui.progress(f"quantizing to {cfg.quant.scheme}: activation scales", unit="batches", enabled=calib is not None) as bar:
+        quantize_fp8(model, cfg.quant.scheme, cfg.quant.ignore, calib, progress=bar.callback)
     out = artifacts.begin(cfg.output_dir, cfg.overwrite)
     save_dtype = models.torch_dtype(cfg.quant.save_dtype)
     save_fp8(model, tokenizer, out, source_dtype=save_dtype)
@@ -130,10 +130,9 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         )
     )
     if eval_text and not cfg.quant.fake_quant_eval:
-        with ui.console.status("perplexity of the saved FP8 checkpoint, loaded back"):
-            reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
-            ppl_fp8 = score(reloaded)
-            del reloaded
+        reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
+        ppl_fp8 = score(reloaded, "the saved FP8 checkpoint, loaded back")
+        del reloaded
     errors = weight_error_report(source, out)
     sizes = checkpoint_size_report(out)
     sizes["source_bytes"] = sum(p.stat().st_size for p in source.glob("*.safetensors"))
