@@ -471,6 +471,8 @@ def plot(rows: list[dict], quality: str, path: Path, title: str) -> bool:
             ax.text(0.5, 0.5, NO_BENCH.replace("`", "").replace(": run", ":\nrun").replace(", or", ",\nor"),
                     ha="center", va="center", fontsize=8, transform=ax.transAxes, wrap=True)
             ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel("")
     untimed = [r["name"] for r in have if r not in timed and r["metrics"].get("bench.note") == FP8_NOTE]
     if timed and untimed:
         axes[0][1].set_title(f"not timed on CPU (FP8): {', '.join(untimed)}", fontsize=8)
