@@ -273,9 +273,11 @@ def hidden_size_of(model_config: Any) -> int | None:
 def build_ds_config(train, ds, world_size: int, hidden_size: int | None = None) -> dict:
     """DeepSpeed config for one training stage.
 
-    The optimizer is declared in the DeepSpeed config only when optimizer state is offloaded
-    (DeepSpeed then uses its CPU Adam); otherwise the caller passes a torch AdamW, which needs
-    no compiled op. `hidden_size` fills a user JSON's "auto" bucket sizes.
+    slm declares an optimizer only when optimizer state is offloaded (DeepSpeed then uses its CPU
+    Adam); otherwise the caller passes a torch AdamW, which needs no compiled op. A user JSON's
+    optimizer block is kept, with `torch_adam` when not offloaded (`merge_user_config`).
+    `train` and `ds` are the config in effect, the JSON's settings already taken in by
+    `adopt_user_config`; `hidden_size` fills the JSON's "auto" bucket sizes.
     """
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer == "cpu":
