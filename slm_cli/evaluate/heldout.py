@@ -22,11 +22,9 @@ stored FP8 weights (the quality vLLM serves; `slm quantize` measures itself the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,20 +40,6 @@ from slm_cli.data.tokenize import IGNORE_INDEX, collate, encode_dataset
 TASK_SETTINGS = {"batch_size": 32, "max_new_tokens": 64, "few_shot": 0, "stop": ["\n\n"], "chat": False}
 BATCH_SIZE = 32  # sequences per forward pass for the cross-entropy
 METHOD_VERSION = 1  # bump when what is measured changes, so cached results are not reused
-
-
-@contextlib.contextmanager
-def _no_tqdm():
-    """tqdm bars off (TQDM_DISABLE, read by every bar tqdm creates) while the block runs."""
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
 
 
 @torch.no_grad()
@@ -146,8 +130,7 @@ def evaluate_artifact(path: str, data: HeldoutData, progress: Callable[[int, int
     from slm_cli.evaluate import exact_match, yes_no_auc
 
     quiet_libraries()  # transformers' per-tensor loading bars would bury the report's own progress
-    with _no_tqdm():  # compressed-tensors' (de)compression bars while an FP8 checkpoint loads
-        model = models.load_model(str(path), "float32", False, field="artifact").eval()
+    model = models.load_model(str(path), "float32", False, field="artifact").eval()
     tokenizer = models.load_tokenizer(str(path), False, field="artifact")
     out = completion_cross_entropy(model, tokenizer, data.examples, data.spec["max_seq_len"], progress=progress)
     s = TASK_SETTINGS
