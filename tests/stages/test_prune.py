@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3
 
 from slm_cli import artifacts
 from slm_cli.data import load_splits
+from slm_cli.data.corpus import load_corpus
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.perplexity import perplexity
 from slm_cli.prune import PrunePlan, count_params, count_params_after
@@ -90,7 +91,7 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
 
     # the recorded perplexity is that of the saved checkpoint, recomputed here independently
     tok = AutoTokenizer.from_pretrained(out)
-    text = "\n\n".join(r["text"] for r in load_splits("shakespeare", train_size=1, test_size=None)["test"])
+    text = load_corpus("shakespeare", "test")  # the stored split, as slm eval scores it
     got = perplexity(model, tok, text, window=128, stride=64, max_tokens=256)
     assert got["perplexity"] == pytest.approx(metrics["perplexity_pruned"], rel=1e-5)
     assert metrics["eval_tokens"] == got["tokens"] == 255 and math.isfinite(metrics["perplexity_source"])
