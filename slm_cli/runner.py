@@ -48,9 +48,13 @@ def storage_problem(exc: BaseException) -> str | None:
 
 
 def fail(message: str, code: int = 2) -> None:
+    import logging
+
     from rich.console import Console
     from rich.markup import escape
 
+    # the run folder's log ends with why the run stopped (a refused run's folder is removed just below)
+    logging.getLogger("slm").error("slm error: %s", message)
     _drop_empty_run_dir()
     # escaped: a message quoting `key=[a,b]` must print as written, not as rich markup
     Console(stderr=True).print(f"[bold red]slm error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)

@@ -162,3 +162,17 @@ def test_bench_counts_every_measurement_of_every_artifact_off_a_terminal(slm, tm
     # 1 prefill + 2 decode settings per artifact: 3 for the first run, 6 for the second
     assert done == [(str(i), "3") for i in (1, 2, 3)] + [(str(i), "6") for i in range(1, 7)]
     assert "measuring: 6/6 measurements (100%)" in (tmp_path / "r2" / "bench.log").read_text()
+
+
+def test_the_error_that_stops_a_run_ends_its_log_and_prints_once(slm, tmp_path, tiny_model, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("a folder holding more than Hydra's files is kept")
+    rc = slm("eval", f"model.name_or_path={tiny_model}", f"data.source={tmp_path / 'missing.jsonl'}",
+             f"output_dir={tmp_path / 'e'}", f"hydra.run.dir={run_dir}")
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.count("slm error:") == 1 and "missing.jsonl" in captured.err
+    assert "slm error" not in captured.out  # the log record goes to the file, not to the terminal again
+    last = (run_dir / "eval.log").read_text().strip().splitlines()[-1]
+    assert "[slm][ERROR] - slm error:" in last and "missing.jsonl" in last

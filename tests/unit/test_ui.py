@@ -13,9 +13,10 @@ from slm_cli.errors import SlmError
 
 
 @pytest.fixture
-def slm_log(caplog):
+def slm_log(caplog, monkeypatch):
     """The INFO records of logger `slm`, as Hydra's job_logging writes them to <stage>.log."""
     caplog.set_level(logging.INFO, logger="slm")
+    monkeypatch.setattr(ui.log, "propagate", True)  # a stage run earlier in this process sent it to its file only
     return lambda: [r.getMessage() for r in caplog.records if r.name == "slm"]
 
 
