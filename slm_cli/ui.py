@@ -87,7 +87,7 @@ class _Lines:
         self.every_s, self.fields = every_s, {}
         self.first, self.started = completed, time.monotonic()
         self.last_line: float | None = None
-        self.printed_at = None  # `completed` when the last line was printed
+        self.printed_at: float | None = None  # `completed` when the last line was printed
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -101,7 +101,11 @@ class _Lines:
         parts.append(f"elapsed {_clock(elapsed)}")
         if self.total:
             left = self.total - self.completed
-            parts.append(f"eta {_clock(elapsed / done * left if done > 0 else float('nan') if left else 0.0)}")
+            if left <= 0:
+                eta = 0.0
+            else:  # the rate so far; unknown (nan) before the first unit of this run is done
+                eta = elapsed / done * left if done > 0 else float("nan")
+            parts.append(f"eta {_clock(eta)}")
         return " | ".join(parts)
 
     def due(self, final: bool) -> bool:

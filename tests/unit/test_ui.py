@@ -82,3 +82,19 @@ def test_printed_tables_reach_the_log_as_plain_unwrapped_text(capsys, slm_log):
     assert any(long_value in line for line in table.splitlines())  # one line, not cut at 80 columns
     assert "LlamaForCausalLM" in table and warning == "warning: markup is rendered, not logged raw"
     assert long_value in capsys.readouterr().out  # off a terminal, stdout is not cut at 80 columns either
+
+
+def test_on_a_terminal_the_bar_shows_and_only_the_log_gets_the_lines(slm_log, monkeypatch):
+    import io
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ui, "console", ui.LoggedConsole(file=screen, force_terminal=True, width=120))
+    monkeypatch.setenv(ui.LOG_EVERY_ENV, "0")
+    with ui.progress("pruning with osscar", total=2, unit="layers") as bar:
+        bar.advance(1)
+        bar.advance(1)
+    shown = screen.getvalue()
+    assert "\x1b[" in shown and "2/2" in shown  # rich's bar, drawn with terminal codes
+    assert "| eta" not in shown  # no plain lines on the terminal
+    assert [line.split(" | ")[0] for line in slm_log()] == ["pruning with osscar: 1/2 layers (50%)",
+                                                            "pruning with osscar: 2/2 layers (100%)"]
