@@ -44,7 +44,7 @@ def main() -> None:
             out = Path(tmp) / label.split()[0]
             cmd = [
                 sys.executable, "-m", "slm_cli", "distill", *overrides, "data=arithmetic", "data.train_size=20000",
-                f"teacher.path={args.teacher}", f"student.path={args.student}", f"train.max_steps={args.steps}",
+                f"teacher.name_or_path={args.teacher}", f"model.name_or_path={args.student}", f"train.max_steps={args.steps}",
                 f"train.micro_batch_size={args.batch}", "train.eval_every=0", "train.lr=1e-3",
                 f"distill.gen_max_new_tokens={args.gen_tokens}", f"output_dir={out}", f"hydra.run.dir={tmp}/logs/{out.name}",
             ]

@@ -27,10 +27,10 @@ COLUMNS = ["model", "scheme", "quantized layers", "quantized / bf16", "total / b
            "ppl change", "max rel. weight err", "seconds"]
 
 
-def run_scheme(model_path: str, scheme: str, args, work: Path) -> dict:
+def run_scheme(model.name_or_path: str, scheme: str, args, work: Path) -> dict:
     out = work / f"{Path(model_path).name}-{scheme}"
     cmd = [
-        sys.executable, "-m", "slm_cli", "quantize", f"model_path={model_path}", f"quant={scheme}",
+        sys.executable, "-m", "slm_cli", "quantize", f"model.name_or_path={model_path}", f"quant={scheme}",
         f"output_dir={out}", f"hydra.run.dir={work / 'logs'}",
         f"eval.max_tokens={args.eval_tokens}", f"eval.window={args.window}", f"eval.stride={args.stride}",
         f"calibration.samples={args.calib_samples}", f"calibration.seq_len={args.calib_seq_len}",

@@ -42,7 +42,7 @@ def staging_dir(output_dir: str | Path) -> Path:
 # Inputs of a run, by the name of their config field (the last part of a dotted key): these
 # hold paths an output must never be, contain or lie inside. Fields under `inputs.` (a recipe's
 # artifacts) count too.
-INPUT_FIELDS = {"name_or_path", "tokenizer", "path", "model_path", "artifact", "artifacts", "source", "config_file", "hostfile"}
+INPUT_FIELDS = {"name_or_path", "tokenizer", "path", "artifacts", "source", "config_file", "hostfile"}
 # Files that make a folder slm's own output: slm.json of a model artifact, or the result file of
 # eval / bench / report, which carries an `slm_output` stamp (see `output_stamp`).
 RESULT_FILES = ("eval.json", "bench.json", "report.json")

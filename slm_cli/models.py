@@ -236,7 +236,7 @@ def resolve_tokenizer(mcfg, train_examples: list[dict], fallback: str | None = N
     path = mcfg.tokenizer or mcfg.name_or_path or fallback
     if path:
         # name the field the path came from, so an error points at what the user typed
-        field = "model.tokenizer" if mcfg.tokenizer else "model.name_or_path" if mcfg.name_or_path else "teacher.path"
+        field = "model.tokenizer" if mcfg.tokenizer else "model.name_or_path" if mcfg.name_or_path else "teacher.name_or_path"
         return load_tokenizer(path, mcfg.trust_remote_code, field=field)
     from slm_cli.data.tokenizer import train_bpe_tokenizer
 

@@ -522,7 +522,7 @@ def _quantized_message(folder: Path, field: str, path: str, qc: dict) -> str:
         f"{field}={path} is {kind} checkpoint{made_by} (config.json quantization_config: {details or qc}); this "
         f"stage reads unquantized weights only (quantized ones cannot be trained, pruned or quantized again). "
         f"{instead}. To score or time "
-        "the quantized model itself, use slm eval artifact=... or slm bench."
+        "the quantized model itself, use slm eval model.name_or_path=... or slm bench."
     )
 
 

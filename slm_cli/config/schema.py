@@ -228,7 +228,7 @@ class LauncherConfig:
 class TeacherRef:
     """The teacher artifact a student or distill stage reads."""
 
-    path: Optional[str] = None  # folder written by `slm teacher` (or any HF causal-LM folder)
+    name_or_path: Optional[str] = None  # folder written by `slm teacher` (or any HF causal-LM folder or hub id)
     dtype: str = "auto"  # dtype the frozen teacher runs in: auto (as saved) | float32 | bfloat16 | float16
 
     def problems(self, where: str) -> list[str]:
@@ -307,8 +307,8 @@ class StudentStageConfig(TrainStageConfig):
         out = super().problems(where)
         out += self.student.problems("student")
         _problems_if(
-            self.student.init == "teacher_layers" and not self.teacher.path,
-            "student.init=teacher_layers needs teacher.path=<teacher artifact folder>",
+            self.student.init == "teacher_layers" and not self.teacher.name_or_path,
+            "student.init=teacher_layers needs teacher.name_or_path=<teacher artifact folder>",
             out,
         )
         _problems_if(
@@ -368,27 +368,20 @@ class DistillTeacher(TeacherRef):
 
 
 @dataclass
-class DistillStudent:
-    """Where the student's weights come from."""
-
-    path: Optional[str] = None  # a student artifact (slm student / slm distill / slm prune); null = build from `model=`
-
-    def problems(self, where: str) -> list[str]:
-        return []
-
-
-@dataclass
 class DistillStageConfig(TrainStageConfig):
     """`slm distill`: the student learns the teacher's next-token distributions."""
 
     teacher: DistillTeacher = field(default_factory=DistillTeacher)
-    student: DistillStudent = field(default_factory=DistillStudent)
     distill: DistillSettings = field(default_factory=DistillSettings)
 
     def problems(self, where: str = "") -> list[str]:
         out = super().problems(where)
         out += self.distill.problems("distill") + self.teacher.problems("teacher")
-        _problems_if(not self.teacher.path, "teacher.path is required: the teacher artifact folder to distill from", out)
+        _problems_if(
+            not self.teacher.name_or_path,
+            "teacher.name_or_path is required: the teacher artifact folder to distill from",
+            out,
+        )
         _problems_if(
             self.data.packing,
             "data.packing=true is for supervised fine-tuning (slm teacher, slm student); distillation compares "
@@ -470,12 +463,10 @@ class QuantizeStageConfig:
     """`slm quantize`: an FP8 checkpoint (compressed-tensors) of an artifact, checked and measured."""
 
     stage: str = "quantize"  # which stage this config drives (set by the stage's YAML)
-    model_path: str = "???"  # the artifact (or any HF causal-LM folder) to quantize
-    dtype: str = "float32"  # dtype the source is loaded and evaluated in; scales are computed from these weights
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="???"))  # the artifact to quantize: model.name_or_path=<folder> (dtype: the source is loaded and evaluated in it; scales come from these weights)
     seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
-    trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: QuantCalibrationConfig = field(default_factory=QuantCalibrationConfig)
     eval: QuantEvalConfig = field(default_factory=QuantEvalConfig)
@@ -483,8 +474,7 @@ class QuantizeStageConfig:
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
         _output_problems(self, out)
-        _problems_if(not self.model_path, "model_path is empty: give the artifact folder to quantize", out)
-        _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
+        out += _weights_problems(self.model, "quantize")
         out += self.quant.problems("quant") + self.calibration.problems("calibration") + self.eval.problems("eval")
         return out
 
@@ -674,12 +664,10 @@ class PruneStageConfig:
     """`slm prune`: structured pruning (OSSCAR or a baseline) of an artifact into a smaller standard checkpoint."""
 
     stage: str = "prune"  # which stage this config drives (set by the stage's YAML)
-    model_path: str = "???"  # the artifact (or any HF causal-LM folder, or smollm2-135m-instruct) to prune
-    dtype: str = "float32"  # dtype the source is loaded, pruned and saved in (statistics are accumulated in float32)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="???"))  # the artifact to prune: model.name_or_path=<folder> (dtype: loaded, pruned and saved in it; statistics are float32)
     seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
-    trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust its source)
     threads: OptionalPositiveInt = None  # torch CPU threads; null = torch's default
     prune: PruneSettings = field(default_factory=PruneSettings)
     calibration: PruneCalibrationConfig = field(default_factory=PruneCalibrationConfig)
@@ -688,10 +676,21 @@ class PruneStageConfig:
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
         _output_problems(self, out)
-        _problems_if(not self.model_path, "model_path is empty: give the artifact folder to prune", out)
-        _problems_if(self.dtype not in DTYPES, f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}", out)
+        out += _weights_problems(self.model, "prune")
         out += self.prune.problems("prune") + self.calibration.problems("calibration") + self.eval.problems("eval")
         return out
+
+
+def _weights_problems(model: ModelConfig, stage: str) -> list[str]:
+    """The checks for a stage that reads a trained model (prune, quantize, eval): weights, not an architecture."""
+    out = model.problems("model")
+    _problems_if(
+        not model.name_or_path,
+        f"slm {stage} reads a trained model: give model.name_or_path=<artifact folder or hub id> "
+        "(or a model preset with weights, e.g. model=smollm2-135m-instruct)",
+        out,
+    )
+    return out
 
 
 STAGE_SCHEMAS = {
@@ -717,7 +716,7 @@ class EvalSettings:
     metric: str = "auto"  # auto: perplexity for text, exact_match for a generative task, auc for a predictive one | perplexity | exact_match | auc
     split: str = "test"  # split scored: test | validation (a corpus' validation split is its calibration text)
     batch_size: PositiveInt = 8  # sequences per forward pass or generate call
-    dtype: Optional[str] = None  # weights dtype for evaluation: float32 | bfloat16 | float16; null = model.dtype (float32 for artifact=)
+    dtype: Optional[str] = None  # weights dtype for evaluation: float32 | bfloat16 | float16; null = model.dtype
     max_new_tokens: PositiveInt = 64  # exact_match: generation budget per example (greedy, KV cache)
     few_shot: NonNegativeInt = 0  # exact_match: solved train examples put before each prompt (built-in tasks; 0 = zero-shot)
     stop: list[str] = field(default_factory=lambda: ["\n\n"])  # exact_match: generation also stops at these strings
@@ -752,10 +751,9 @@ class EvalStageConfig:
 
     stage: str = "eval"  # which stage this config drives
     seed: Seed = 0  # fixes generated task examples and the few-shot examples
-    artifact: Optional[str] = None  # folder to evaluate (an slm artifact or any HF folder); or choose model=
     output_dir: str = "outputs/eval/results"  # eval.json and predictions.jsonl are written here
     overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there
-    model: Optional[ModelConfig] = None  # the model to evaluate when artifact is not given (model=NAME)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="???"))  # what to evaluate: model.name_or_path=<folder or hub id>, or model=NAME
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -767,29 +765,7 @@ class EvalStageConfig:
     def problems(self, where: str = "") -> list[str]:
         out: list[str] = []
         _output_problems(self, out)
-        _problems_if(
-            self.artifact is None and self.model is None,
-            "nothing to evaluate: give artifact=<folder> or a model, e.g. model=smollm2-135m-instruct",
-            out,
-        )
-        _problems_if(
-            self.artifact is not None and self.model is not None,
-            f"give artifact={self.artifact} or model=..., not both",
-            out,
-        )
-        if self.model is not None:
-            out += self.model.problems("model")
-            _problems_if(
-                self.model.name_or_path is None,
-                "model has no weights (name_or_path is null): evaluate a trained model with artifact=<folder>, "
-                "model=hf model.name_or_path=<folder>, or model=smollm2-135m-instruct",
-                out,
-            )
-        _problems_if(
-            self.eval.write_to_artifact and self.artifact is None,
-            "eval.write_to_artifact=true needs artifact=<folder> (the slm.json to write into)",
-            out,
-        )
+        out += _weights_problems(self.model, "eval")
         out += self.data.problems("data") + self.eval.problems("eval")
         return out
 

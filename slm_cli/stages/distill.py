@@ -26,7 +26,7 @@ def check_inputs(cfg: DistillStageConfig) -> None:
     for a multi-process run, before the launcher starts: a bad one fails in about a second."""
     from slm_cli.pretrained import check_model_folder
 
-    for field, path in (("teacher.path", cfg.teacher.path), ("student.path", cfg.student.path)):
+    for field, path in (("teacher.name_or_path", cfg.teacher.name_or_path), ("model.name_or_path", cfg.model.name_or_path)):
         if path:
             check_model_folder(path, field, quantized_ok=False)
 
@@ -62,19 +62,19 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
         seed=cfg.seed,
         subset=cfg.data.subset,
     )
-    teacher_tok = models.load_tokenizer(cfg.teacher.path, cfg.model.trust_remote_code, field="teacher.path")
-    teacher = models.load_model(cfg.teacher.path, cfg.teacher.dtype, cfg.model.trust_remote_code, field="teacher.path")
+    teacher_tok = models.load_tokenizer(cfg.teacher.name_or_path, cfg.model.trust_remote_code, field="teacher.name_or_path")
+    teacher = models.load_model(cfg.teacher.name_or_path, cfg.teacher.dtype, cfg.model.trust_remote_code, field="teacher.name_or_path")
     teacher.requires_grad_(False).eval()
-    if cfg.student.path:
-        tokenizer = models.load_tokenizer(cfg.student.path, cfg.model.trust_remote_code, field="student.path")
-        model = models.load_model(cfg.student.path, cfg.model.dtype, cfg.model.trust_remote_code, field="student.path")
+    if cfg.model.name_or_path:
+        tokenizer = models.load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, field="model.name_or_path")
+        model = models.load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code, field="model.name_or_path")
     else:
         tokenizer = teacher_tok
         model = models.build_model(cfg.model, tokenizer)
     if not models.tokenizers_match(tokenizer, teacher_tok):
         raise SlmError(
-            f"student tokenizer ({len(tokenizer)} tokens, student.path={cfg.student.path}) differs from the teacher's "
-            f"({len(teacher_tok)} tokens, teacher.path={cfg.teacher.path}); token-level distillation needs one vocabulary."
+            f"student tokenizer ({len(tokenizer)} tokens, model.name_or_path={cfg.model.name_or_path}) differs from the teacher's "
+            f"({len(teacher_tok)} tokens, teacher.name_or_path={cfg.teacher.name_or_path}); token-level distillation needs one vocabulary."
         )
     try:
         vocab_size = check_vocab(model.config.vocab_size, teacher.config.vocab_size, len(tokenizer), len(teacher_tok))
@@ -134,9 +134,9 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     state_dict = loop.consolidated_state_dict(engine, cfg.deepspeed.zero_stage)  # every rank takes part
     metrics = result.metrics
     if dist.is_main():
-        parents = [artifacts.parent("teacher", cfg.teacher.path)]
-        if cfg.student.path:
-            parents.append(artifacts.parent("student", cfg.student.path))
+        parents = [artifacts.parent("teacher", cfg.teacher.name_or_path)]
+        if cfg.model.name_or_path:
+            parents.append(artifacts.parent("student", cfg.model.name_or_path))
         metrics = publish_trained(
             engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
             stage="distill", metrics={**result.metrics, **teacher_metrics, "data": asdict(train_stats)}, parents=parents, extra={"mode": cfg.distill.mode},
@@ -165,7 +165,7 @@ def _cached_objective(cfg: DistillStageConfig, teacher, examples: list, batch_fn
     dtype = torch.float32 if k == vocab_size else torch.float16
     cache_dir = artifacts.work_dir(cfg.output_dir) / "teacher_logits"
     if dist.is_main():
-        teacher_hash = artifacts.content_hash(cfg.teacher.path)
+        teacher_hash = artifacts.content_hash(cfg.teacher.name_or_path)
         want = dict(k=k, vocab_size=vocab_size, kd_temperature=cfg.distill.kd_temperature, dtype=dtype)
         if not logit_cache.cache_matches(logit_cache.read_index(cache_dir), teacher_hash=teacher_hash, examples=examples, **want):
             logit_cache.write_cache(

@@ -29,10 +29,9 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     from slm_cli.pretrained import check_model_folder
 
     # the model folder or hub id first, before the heavy imports below: a bad one fails in about a second
-    if cfg.artifact is not None:
-        check_model_folder(cfg.artifact, "artifact")
-    elif cfg.model.name_or_path:
-        check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer)
+    check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer)
+    if cfg.eval.write_to_artifact:
+        _check_is_artifact(cfg.model.name_or_path)
 
     import json
     import time
@@ -62,22 +61,18 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
         cfg.data.val_fraction,
     )
     metric = choose_metric(data, cfg.eval.metric)
-    if cfg.artifact is not None:
-        _refuse_checkpoint_code(cfg.artifact)
-        name, dtype, trust = cfg.artifact, cfg.eval.dtype or "float32", False
-        tokenizer_name = cfg.artifact
-        field = "artifact"
-    else:
-        name, dtype, trust = cfg.model.name_or_path, cfg.eval.dtype or cfg.model.dtype, cfg.model.trust_remote_code
-        tokenizer_name = cfg.model.tokenizer or name
-        field = "model.name_or_path"
+    name, dtype, trust = cfg.model.name_or_path, cfg.eval.dtype or cfg.model.dtype, cfg.model.trust_remote_code
+    tokenizer_name = cfg.model.tokenizer or name
+    field = "model.name_or_path"
+    if not trust:
+        _refuse_checkpoint_code(name)
     with ui.console.status(f"loading {name}"):
         path = resolve_model_path(name)
         for warning in artifacts.lineage_warnings(path) if Path(path).is_dir() else []:
             ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
         model = models.load_model(path, dtype, trust, field=field).eval()
         try:
-            tokenizer_field = "model.tokenizer" if cfg.artifact is None and cfg.model.tokenizer else field
+            tokenizer_field = "model.tokenizer" if cfg.model.tokenizer else field
             tokenizer = models.load_tokenizer(resolve_model_path(tokenizer_name), trust, field=tokenizer_field)
         except OSError as exc:
             raise SlmError(
@@ -149,7 +144,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
         write_atomic(staging / PREDICTIONS_FILE, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     artifacts.commit(staging, out, cfg.overwrite)
     if cfg.eval.write_to_artifact:
-        merge_into_artifact(cfg.artifact, data.source, {**result, "split": data.split, "metric": metric, **settings})
+        merge_into_artifact(cfg.model.name_or_path, data.source, {**result, "split": data.split, "metric": metric, **settings})
     ui.console.print(ui.kv_table(f"eval: {data.source}, {data.split} split", ui.metric_rows(result)))
     ui.console.print(f"results: {out / EVAL_FILE}")
     return result
@@ -166,7 +161,7 @@ def _settings(cfg: EvalStageConfig, metric: str) -> dict:
 
 
 def _refuse_checkpoint_code(folder: str) -> None:
-    """`artifact=` never runs code shipped in the folder; only the user may allow that.
+    """slm eval never runs code shipped in the model folder unless model.trust_remote_code=true says so.
 
     An artifact's own slm.json saying trust_remote_code=true is no permission: anyone can write
     that file. A folder whose config.json maps the model to its own code (auto_map) is refused
@@ -180,9 +175,8 @@ def _refuse_checkpoint_code(folder: str) -> None:
     config = Path(folder) / "config.json"
     if config.is_file() and "auto_map" in json.loads(config.read_text()):
         raise SlmError(
-            f"artifact={folder} ships its own model code (auto_map in config.json), which slm eval does not run "
-            "unless you ask. If you trust its source, run: slm eval model=hf "
-            f"model.name_or_path={folder} model.trust_remote_code=true ..."
+            f"model.name_or_path={folder} ships its own model code (auto_map in config.json), which slm eval does "
+            "not run unless you ask. If you trust its source, add model.trust_remote_code=true"
         )
 
 
@@ -193,13 +187,21 @@ def merge_into_artifact(folder: str, source: str, metrics: dict) -> None:
 
     from slm_cli import artifacts
     from slm_cli.data.corpus import write_atomic
+
+    meta = _check_is_artifact(folder)
+    meta.setdefault("metrics", {}).setdefault("eval", {})[source] = metrics
+    write_atomic(Path(folder) / artifacts.METADATA_FILE, json.dumps(meta, indent=2, default=str))
+
+
+def _check_is_artifact(folder: str) -> dict:
+    """eval.write_to_artifact needs an slm.json to write into; checked before evaluating, not after."""
+    from slm_cli import artifacts
     from slm_cli.errors import SlmError
 
     meta = artifacts.read_metadata(folder, missing_ok=True)
     if meta is None:
         raise SlmError(
-            f"eval.write_to_artifact=true but {folder} has no {artifacts.METADATA_FILE} (not an slm artifact); "
-            "the results are in eval.json. Drop eval.write_to_artifact to silence this."
+            f"eval.write_to_artifact=true but {folder} has no {artifacts.METADATA_FILE} (not an slm artifact): "
+            "there is nothing to write the metrics into. Drop eval.write_to_artifact; eval.json holds the results."
         )
-    meta.setdefault("metrics", {}).setdefault("eval", {})[source] = metrics
-    write_atomic(Path(folder) / artifacts.METADATA_FILE, json.dumps(meta, indent=2, default=str))
+    return meta

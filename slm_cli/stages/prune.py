@@ -97,7 +97,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     from slm_cli.pretrained import check_model_folder
 
     # the model folder first, before the heavy imports below: a bad one fails in about a second
-    source_path = check_model_folder(cfg.model_path, "model_path", quantized_ok=False)
+    source_path = check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
 
     import dataclasses
     import math
@@ -121,8 +121,8 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         torch.set_num_threads(cfg.threads)
     ui.console.print(ui.resolved_config_panel(resolved))
     source = Path(source_path)
-    tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
-    config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer or str(source), cfg.model.trust_remote_code, field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
     plan, note = make_plan(cfg.prune, config)
     if note:
         ui.console.print(f"[bold]{note}[/bold]", highlight=False)
@@ -132,7 +132,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         cfg.calibration.seq_len, source=cfg.calibration.source,
     )
     batches = list(calib.split(cfg.calibration.batch_size))
-    model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
+    model = models.load_model(str(source), cfg.model.dtype, cfg.model.trust_remote_code, field="model.name_or_path").eval()
     eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
 
     def score(m, what: str) -> dict:
@@ -156,7 +156,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     del model
     ppl_pruned = None
     if eval_text:
-        reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
+        reloaded = models.load_model(str(out), cfg.model.dtype, cfg.model.trust_remote_code, field="output_dir").eval()
         ppl_pruned = score(reloaded, "the saved pruned checkpoint, loaded back")
         del reloaded
     ui.console.print(
@@ -209,7 +209,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         extra={
             "pruning": {**report.to_dict(), "plan": dataclasses.asdict(plan), "target_note": note},
             "calibration": calibration,
-            "trust_remote_code": cfg.trust_remote_code,
+            "trust_remote_code": cfg.model.trust_remote_code,
         },
     )
     final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)

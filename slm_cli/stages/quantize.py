@@ -56,7 +56,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     from slm_cli.pretrained import check_model_folder
 
     # the model folder first, before the heavy imports below: a bad one fails in about a second
-    source_path = check_model_folder(cfg.model_path, "model_path", quantized_ok=False)  # built-in names converted
+    source_path = check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)  # built-in names converted
 
     import json
     import math
@@ -77,8 +77,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     hf_logging.disable_progress_bar()
     ui.console.print(ui.resolved_config_panel(resolved))
     source = Path(source_path)
-    tokenizer = models.load_tokenizer(str(source), cfg.trust_remote_code, field="model_path")
-    model = models.load_model(str(source), cfg.dtype, cfg.trust_remote_code, field="model_path").eval()
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer or str(source), cfg.model.trust_remote_code, field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    model = models.load_model(str(source), cfg.model.dtype, cfg.model.trust_remote_code, field="model.name_or_path").eval()
     # a request that cannot succeed (ignore typo, block shapes) fails before any slow work
     check_fp8_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True)
     for warning in artifacts.lineage_warnings(source):
@@ -130,7 +130,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         )
     )
     if eval_text and not cfg.quant.fake_quant_eval:
-        reloaded = models.load_model(str(out), cfg.dtype, cfg.trust_remote_code, field="output_dir").eval()
+        reloaded = models.load_model(str(out), cfg.model.dtype, cfg.model.trust_remote_code, field="output_dir").eval()
         ppl_fp8 = score(reloaded, "the saved FP8 checkpoint, loaded back")
         del reloaded
     errors = weight_error_report(source, out)
@@ -183,7 +183,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         )
     artifacts.write_metadata(
         out, stage="quantize", config=resolved, parents=[artifacts.parent("source", source)], metrics=metrics,
-        extra={"trust_remote_code": cfg.trust_remote_code},
+        extra={"trust_remote_code": cfg.model.trust_remote_code},
     )
     final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
     ui.console.print(ui.kv_table(f"quantize artifact: {final}", ui.metric_rows(metrics)))

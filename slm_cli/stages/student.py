@@ -26,8 +26,8 @@ def check_inputs(cfg: StudentStageConfig) -> None:
     for a multi-process run, before the launcher starts: a bad one fails in about a second."""
     from slm_cli.pretrained import check_model_folder
 
-    if cfg.teacher.path:
-        check_model_folder(cfg.teacher.path, "teacher.path", quantized_ok=False)
+    if cfg.teacher.name_or_path:
+        check_model_folder(cfg.teacher.name_or_path, "teacher.name_or_path", quantized_ok=False)
     if cfg.student.init == "pretrained":
         check_model_folder(cfg.model.name_or_path, "model.name_or_path", tokenizer=not cfg.model.tokenizer, quantized_ok=False)
 
@@ -61,22 +61,22 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
         seed=cfg.seed,
         subset=cfg.data.subset,
     )
-    teacher_path = cfg.teacher.path
+    teacher_path = cfg.teacher.name_or_path
     tokenizer = models.resolve_tokenizer(
         cfg.model if cfg.student.init == "pretrained" else _without_model_path(cfg.model), splits["train"], fallback=teacher_path
     )
     if cfg.student.init == "teacher_layers":
-        model = models.load_model(teacher_path, cfg.model.dtype, cfg.model.trust_remote_code, field="teacher.path")
+        model = models.load_model(teacher_path, cfg.model.dtype, cfg.model.trust_remote_code, field="teacher.name_or_path")
         model = models.keep_layers(model, list(cfg.student.layers))
     elif cfg.student.init == "pretrained":
         model = models.load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
     else:
         model = models.build_model(cfg.model, tokenizer)
     if teacher_path:
-        teacher_tok = models.load_tokenizer(teacher_path, cfg.model.trust_remote_code, field="teacher.path")
+        teacher_tok = models.load_tokenizer(teacher_path, cfg.model.trust_remote_code, field="teacher.name_or_path")
         if not models.tokenizers_match(tokenizer, teacher_tok):
             raise SlmError(
-                f"the student's tokenizer ({len(tokenizer)} tokens) differs from the teacher's at teacher.path={teacher_path} "
+                f"the student's tokenizer ({len(tokenizer)} tokens) differs from the teacher's at teacher.name_or_path={teacher_path} "
                 f"({len(teacher_tok)} tokens). Distillation needs one shared vocabulary: use the teacher's tokenizer "
                 "(leave model.tokenizer unset) or a student from the same model family."
             )

@@ -13,11 +13,11 @@ from slm_cli.pipeline import is_pipeline, load_recipe
 # values that configs leave for the user to fill (`???`)
 REQUIRED = {"model": ["model.name_or_path=/models/x"], "data": ["data.source=/data/train.jsonl"]}
 STAGE_REQUIRED = {
-    "student": ["teacher.path=/models/teacher"],
-    "distill": ["teacher.path=/models/teacher"],
-    "quantize": ["model_path=/models/x"],
-    "prune": ["model_path=/models/x"],
-    "eval": ["artifact=/models/x"],
+    "student": ["teacher.name_or_path=/models/teacher"],
+    "distill": ["teacher.name_or_path=/models/teacher"],
+    "quantize": ["model.name_or_path=/models/x"],
+    "prune": ["model.name_or_path=/models/x"],
+    "eval": ["model.name_or_path=/models/x"],
 }
 
 
@@ -45,10 +45,7 @@ def _cases():
 
 @pytest.mark.parametrize("stage,group,option", list(_cases()))
 def test_group_option_composes_and_validates(stage, group, option):
-    stage_required = STAGE_REQUIRED.get(stage, [])
-    if stage == "eval" and group == "model":  # eval takes a model= or an artifact=, not both
-        stage_required = []
-    overrides = [f"{group}={option}", *REQUIRED.get(group, []), *stage_required]
+    overrides = [f"{group}={option}", *REQUIRED.get(group, []), *STAGE_REQUIRED.get(stage, [])]
     values = _compose(CONFIG_DIR, stage, overrides)
     validate(values, STAGE_SCHEMAS[stage])
 
@@ -83,3 +80,38 @@ def test_every_primary_config_starts_with_its_command():
     for path in CONFIG_DIR.glob("*.yaml"):
         first = path.read_text().splitlines()[0]
         assert first.startswith("#"), f"{path} must start with a comment showing the command that runs it"
+
+
+# Spellings retired when every stage took one name per role (issue #13): the model a stage reads was
+# `model_path` (prune, quantize), `artifact=` (eval) and `student.path` (distill); the teacher was `teacher.path`.
+RETIRED = ("model_path", "teacher.path", "student.path", " artifact=")
+
+
+def test_one_name_per_role():
+    """Every stage that reads a model reads `model.name_or_path`; every stage that learns from a teacher reads
+    `teacher.name_or_path`; no shipped config, recipe, README line or field comment uses another spelling."""
+    import dataclasses
+
+    from slm_cli.config.schema import ModelConfig
+
+    reads_model = {"teacher", "student", "distill", "prune", "quantize", "eval"}
+    for stage, schema in STAGE_SCHEMAS.items():
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        if stage in reads_model:
+            assert "model" in fields, stage
+            model = fields["model"]
+            default = model.default_factory() if model.default_factory is not dataclasses.MISSING else model.default
+            assert isinstance(default, ModelConfig), stage
+        if "teacher" in fields:
+            teacher = fields["teacher"].default_factory()
+            assert hasattr(teacher, "name_or_path") and not hasattr(teacher, "path"), stage
+        assert not {"model_path", "artifact", "student"} & set(fields) or stage == "student", (stage, sorted(fields))
+    root = CONFIG_DIR.parent
+    texts = [*CONFIG_DIR.rglob("*.yaml"), *RECIPE_DIR.rglob("*.yaml"), root / "README.md",
+             root / "slm_cli" / "config" / "schema.py"]
+    for path in texts:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        for old in RETIRED:
+            assert old not in text.replace("resolve_model_path", ""), f"{path} still says {old.strip()!r}"

@@ -32,11 +32,11 @@ NAN, INF = float("nan"), float("inf")
 
 # What each stage needs before its config validates (the values its YAML leaves to the user).
 REQUIRED = {
-    "student": ["teacher.path=/models/teacher"],
-    "distill": ["teacher.path=/models/teacher"],
-    "quantize": ["model_path=/models/x"],
-    "prune": ["model_path=/models/x"],
-    "eval": ["artifact=/models/x"],
+    "student": ["teacher.name_or_path=/models/teacher"],
+    "distill": ["teacher.name_or_path=/models/teacher"],
+    "quantize": ["model.name_or_path=/models/x"],
+    "prune": ["model.name_or_path=/models/x"],
+    "eval": ["model.name_or_path=/models/x"],
     "bench": ["artifacts=[/models/x]"],
     "report": ["artifacts=[/models/x]"],
 }

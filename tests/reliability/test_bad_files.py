@@ -97,7 +97,7 @@ def models(tmp_path_factory, folders):
         (folder / "pytorch_model.bin").write_bytes(pickle.dumps(PlantedPickle(sentinel)))
 
     fp8 = root / "fp8"
-    assert run_slm("quantize", f"model_path={good}", *QUANT, f"output_dir={fp8}", f"hydra.run.dir={root}/logs") == 0
+    assert run_slm("quantize", f"model.name_or_path={good}", *QUANT, f"output_dir={fp8}", f"hydra.run.dir={root}/logs") == 0
     eval_out = write(root / "eval_out" / "eval.json", json.dumps({"model": str(good), "metrics": {}})).parent
     return {
         "good": good,
@@ -169,64 +169,64 @@ CASES = {
         [f"{t}/splits/validation.jsonl line 1: byte 0xef", "is not UTF-8"],
     ),
     "calibration JSONL in UTF-16": lambda t, m: (
-        ["prune", f"model_path={m['good']}", *PRUNE, f"calibration.source={write(t / 'calib.jsonl', jsonl_text(PC).encode('utf-16'))}"],
+        ["prune", f"model.name_or_path={m['good']}", *PRUNE, f"calibration.source={write(t / 'calib.jsonl', jsonl_text(PC).encode('utf-16'))}"],
         [f"{t}/calib.jsonl is UTF-16 text"],
     ),
     # --- model folders -----------------------------------------------------------------------------
-    "truncated weights: quantize model_path": lambda t, m: (
-        ["quantize", f"model_path={m['truncated']}", *QUANT],
-        [f"model_path={m['truncated']}: model.safetensors is cut short: its header describes", "Copy it again"],
+    "truncated weights: quantize model.name_or_path": lambda t, m: (
+        ["quantize", f"model.name_or_path={m['truncated']}", *QUANT],
+        [f"model.name_or_path={m['truncated']}: model.safetensors is cut short: its header describes", "Copy it again"],
     ),
     "truncated weights: teacher model.name_or_path": lambda t, m: (
         [*HF, f"model.name_or_path={m['truncated']}"],
         [f"model.name_or_path={m['truncated']}: model.safetensors is cut short"],
     ),
-    "truncated weights: distill student.path": lambda t, m: (
-        ["distill", f"teacher.path={m['good']}", f"student.path={m['truncated']}", *FAST],
-        [f"student.path={m['truncated']}: model.safetensors is cut short"],
+    "truncated weights: distill model.name_or_path": lambda t, m: (
+        ["distill", f"teacher.name_or_path={m['good']}", f"model.name_or_path={m['truncated']}", *FAST],
+        [f"model.name_or_path={m['truncated']}: model.safetensors is cut short"],
     ),
     "truncated weights: eval artifact": lambda t, m: (
-        ["eval", f"artifact={m['truncated']}", "data.test_size=2"],
-        [f"artifact={m['truncated']}: model.safetensors is cut short"],
+        ["eval", f"model.name_or_path={m['truncated']}", "data.test_size=2"],
+        [f"model.name_or_path={m['truncated']}: model.safetensors is cut short"],
     ),
     "truncated weights: bench folder": lambda t, m: (
         ["bench", str(m["truncated"])],
         [f"artifacts[0]={m['truncated']}: model.safetensors is cut short"],
     ),
     "a shard listed in the index is missing: prune": lambda t, m: (
-        ["prune", f"model_path={m['missing_shard']}", *PRUNE],
-        [f"model_path={m['missing_shard']}: model.safetensors.index.json lists 2 weight file(s)",
+        ["prune", f"model.name_or_path={m['missing_shard']}", *PRUNE],
+        [f"model.name_or_path={m['missing_shard']}: model.safetensors.index.json lists 2 weight file(s)",
          "model-00002-of-00002.safetensors is missing", "Copy the whole model folder again"],
     ),
     "config.json is not JSON: prune": lambda t, m: (
-        ["prune", f"model_path={m['bad_json']}", *PRUNE],
-        [f"model_path={m['bad_json']}: {m['bad_json']}/config.json is not valid JSON", "line 1 column 24",
+        ["prune", f"model.name_or_path={m['bad_json']}", *PRUNE],
+        [f"model.name_or_path={m['bad_json']}: {m['bad_json']}/config.json is not valid JSON", "line 1 column 24",
          "save the model again with save_pretrained"],
     ),
     "config.json is not JSON: eval artifact": lambda t, m: (
-        ["eval", f"artifact={m['bad_json']}", "data.test_size=2"],
-        [f"artifact={m['bad_json']}: {m['bad_json']}/config.json is not valid JSON"],
+        ["eval", f"model.name_or_path={m['bad_json']}", "data.test_size=2"],
+        [f"model.name_or_path={m['bad_json']}: {m['bad_json']}/config.json is not valid JSON"],
     ),
-    "config.json without model_type: student teacher.path": lambda t, m: (
-        ["student", f"teacher.path={m['no_model_type']}", "model=tiny-llama-student", *FAST],
-        [f"teacher.path={m['no_model_type']}: {m['no_model_type']}/config.json has no \"model_type\"",
+    "config.json without model_type: student teacher.name_or_path": lambda t, m: (
+        ["student", f"teacher.name_or_path={m['no_model_type']}", "model=tiny-llama-student", *FAST],
+        [f"teacher.name_or_path={m['no_model_type']}: {m['no_model_type']}/config.json has no \"model_type\"",
          "\"model_type\": \"llama\""],
     ),
     "config.json with an unknown model_type: quantize": lambda t, m: (
-        ["quantize", f"model_path={m['unknown_type']}", *QUANT],
+        ["quantize", f"model.name_or_path={m['unknown_type']}", *QUANT],
         ["model_type='llamma', which this transformers does not know", "Fix the spelling"],
     ),
-    "no tokenizer: quantize model_path": lambda t, m: (
-        ["quantize", f"model_path={m['no_tokenizer']}", *QUANT],
-        [f"model_path={m['no_tokenizer']} has no tokenizer (none of tokenizer.json", "tokenizer.save_pretrained("],
+    "no tokenizer: quantize model.name_or_path": lambda t, m: (
+        ["quantize", f"model.name_or_path={m['no_tokenizer']}", *QUANT],
+        [f"model.name_or_path={m['no_tokenizer']} has no tokenizer (none of tokenizer.json", "tokenizer.save_pretrained("],
     ),
     "no tokenizer: teacher model.name_or_path": lambda t, m: (
         [*HF, f"model.name_or_path={m['no_tokenizer']}"],
         [f"model.name_or_path={m['no_tokenizer']} has no tokenizer", "or name a tokenizer folder with model.tokenizer=<folder>"],
     ),
-    "no tokenizer: distill teacher.path": lambda t, m: (
-        ["distill", f"teacher.path={m['no_tokenizer']}", *FAST],
-        [f"teacher.path={m['no_tokenizer']} has no tokenizer"],
+    "no tokenizer: distill teacher.name_or_path": lambda t, m: (
+        ["distill", f"teacher.name_or_path={m['no_tokenizer']}", *FAST],
+        [f"teacher.name_or_path={m['no_tokenizer']} has no tokenizer"],
     ),
     "pickle-only weights: teacher model.name_or_path": lambda t, m: (
         [*HF, f"model.name_or_path={m['pickle_only']}"],
@@ -234,32 +234,32 @@ CASES = {
          "slm reads safetensors only and never unpickles", f"save_pretrained('{m['pickle_only']}-safetensors')"],
     ),
     "pickle-only weights: student model.name_or_path (init=pretrained)": lambda t, m: (
-        ["student", f"teacher.path={m['good']}", "student.init=pretrained", f"model.name_or_path={m['pickle_only']}", *FAST],
+        ["student", f"teacher.name_or_path={m['good']}", "student.init=pretrained", f"model.name_or_path={m['pickle_only']}", *FAST],
         [f"model.name_or_path={m['pickle_only']} holds its weights only as pytorch_model.bin"],
     ),
     "pickle-only weights: eval artifact": lambda t, m: (
-        ["eval", f"artifact={m['pickle_only']}", "data.test_size=2"],
-        [f"artifact={m['pickle_only']} holds its weights only as pytorch_model.bin"],
+        ["eval", f"model.name_or_path={m['pickle_only']}", "data.test_size=2"],
+        [f"model.name_or_path={m['pickle_only']} holds its weights only as pytorch_model.bin"],
     ),
-    "pickle-only weights: prune model_path": lambda t, m: (
-        ["prune", f"model_path={m['pickle_only']}", *PRUNE],
-        [f"model_path={m['pickle_only']} holds its weights only as pytorch_model.bin"],
+    "pickle-only weights: prune model.name_or_path": lambda t, m: (
+        ["prune", f"model.name_or_path={m['pickle_only']}", *PRUNE],
+        [f"model.name_or_path={m['pickle_only']} holds its weights only as pytorch_model.bin"],
     ),
-    "a GGUF file cut short: prune model_path": lambda t, m: (
-        ["prune", f"model_path={write(t / 'tiny.gguf', b'GGUF' + (3).to_bytes(4, 'little') + b'cut')}", *PRUNE],
+    "a GGUF file cut short: prune model.name_or_path": lambda t, m: (
+        ["prune", f"model.name_or_path={write(t / 'tiny.gguf', b'GGUF' + (3).to_bytes(4, 'little') + b'cut')}", *PRUNE],
         [f"{t}/tiny.gguf could not be read as a GGUF causal LM", "If the file was cut short or damaged in a copy"],
     ),
-    "a .gguf path that does not exist: quantize model_path": lambda t, m: (
-        ["quantize", f"model_path={t}/nope.gguf", *QUANT],
-        [f"model_path={t}/nope.gguf: no such GGUF file"],
+    "a .gguf path that does not exist: quantize model.name_or_path": lambda t, m: (
+        ["quantize", f"model.name_or_path={t}/nope.gguf", *QUANT],
+        [f"model.name_or_path={t}/nope.gguf: no such GGUF file"],
     ),
     "a file where the model folder belongs: quantize": lambda t, m: (
-        ["quantize", f"model_path={m['good']}/config.json", *QUANT],
-        [f"model_path={m['good']}/config.json is a file, not a model folder. Give the folder that holds it: model_path={m['good']}"],
+        ["quantize", f"model.name_or_path={m['good']}/config.json", *QUANT],
+        [f"model.name_or_path={m['good']}/config.json is a file, not a model folder. Give the folder that holds it: model.name_or_path={m['good']}"],
     ),
-    "a file where the model folder belongs: distill teacher.path": lambda t, m: (
-        ["distill", f"teacher.path={m['good']}/model.safetensors", *FAST],
-        [f"teacher.path={m['good']}/model.safetensors is a file, not a model folder"],
+    "a file where the model folder belongs: distill teacher.name_or_path": lambda t, m: (
+        ["distill", f"teacher.name_or_path={m['good']}/model.safetensors", *FAST],
+        [f"teacher.name_or_path={m['good']}/model.safetensors is a file, not a model folder"],
     ),
     "a folder where the JSONL file belongs": lambda t, m: (
         [*HF[:1], *TEACHER, "data=jsonl", f"data.source={folder(t / 'data.jsonl')}"],
@@ -278,23 +278,23 @@ CASES = {
         [f"{t}/notes.txt: unsupported file type '.txt'", '{"text": str}'],
     ),
     # --- an artifact of the wrong kind -------------------------------------------------------------
-    "FP8 checkpoint: prune model_path": lambda t, m: (["prune", f"model_path={m['fp8']}", *PRUNE], fp8_fragments("model_path", m)),
-    "FP8 checkpoint: quantize model_path": lambda t, m: (["quantize", f"model_path={m['fp8']}", *QUANT], fp8_fragments("model_path", m)),
-    "FP8 checkpoint: distill teacher.path": lambda t, m: (
-        ["distill", f"teacher.path={m['fp8']}", *FAST], fp8_fragments("teacher.path", m),
+    "FP8 checkpoint: prune model.name_or_path": lambda t, m: (["prune", f"model.name_or_path={m['fp8']}", *PRUNE], fp8_fragments("model.name_or_path", m)),
+    "FP8 checkpoint: quantize model.name_or_path": lambda t, m: (["quantize", f"model.name_or_path={m['fp8']}", *QUANT], fp8_fragments("model.name_or_path", m)),
+    "FP8 checkpoint: distill teacher.name_or_path": lambda t, m: (
+        ["distill", f"teacher.name_or_path={m['fp8']}", *FAST], fp8_fragments("teacher.name_or_path", m),
     ),
-    "FP8 checkpoint: distill student.path": lambda t, m: (
-        ["distill", f"teacher.path={m['good']}", f"student.path={m['fp8']}", *FAST], fp8_fragments("student.path", m),
+    "FP8 checkpoint: distill model.name_or_path": lambda t, m: (
+        ["distill", f"teacher.name_or_path={m['good']}", f"model.name_or_path={m['fp8']}", *FAST], fp8_fragments("model.name_or_path", m),
     ),
     "FP8 checkpoint: teacher model.name_or_path": lambda t, m: (
         [*HF, f"model.name_or_path={m['fp8']}"], fp8_fragments("model.name_or_path", m),
     ),
-    "FP8 checkpoint: student teacher.path": lambda t, m: (
-        ["student", f"teacher.path={m['fp8']}", "model=tiny-llama-student", *FAST], fp8_fragments("teacher.path", m),
+    "FP8 checkpoint: student teacher.name_or_path": lambda t, m: (
+        ["student", f"teacher.name_or_path={m['fp8']}", "model=tiny-llama-student", *FAST], fp8_fragments("teacher.name_or_path", m),
     ),
     "the output of slm eval as a model": lambda t, m: (
-        ["quantize", f"model_path={m['eval_out']}", *QUANT],
-        [f"model_path={m['eval_out']} is the results of `slm eval`, not a model; give the model folder it scored"],
+        ["quantize", f"model.name_or_path={m['eval_out']}", *QUANT],
+        [f"model.name_or_path={m['eval_out']} is the results of `slm eval`, not a model; give the model folder it scored"],
     ),
     # --- too-small datasets ------------------------------------------------------------------------
     "fewer training examples than one batch": lambda t, m: (
@@ -303,7 +303,7 @@ CASES = {
          "lower train.micro_batch_size to 7 or less"],
     ),
     "fewer training examples than one batch: distill": lambda t, m: (
-        ["distill", f"teacher.path={m['good']}", *FAST, *data(t, "few.jsonl", jsonl_text(PC)), "train.micro_batch_size=8"],
+        ["distill", f"teacher.name_or_path={m['good']}", *FAST, *data(t, "few.jsonl", jsonl_text(PC)), "train.micro_batch_size=8"],
         ["the training set has 7 example(s) after encoding, fewer than one batch (train.micro_batch_size=8 x 1 process(es))"],
     ),
     "every validation example longer than data.max_seq_len": lambda t, m: (
@@ -316,13 +316,13 @@ CASES = {
         ["the validation split is empty", "data.val_fraction > 0"],
     ),
     "fewer calibration rows than asked: prune": lambda t, m: (
-        ["prune", f"model_path={m['good']}", *PRUNE_ANY, f"calibration.source={write(t / 'calib.jsonl', jsonl_text(PC * 10))}",
+        ["prune", f"model.name_or_path={m['good']}", *PRUNE_ANY, f"calibration.source={write(t / 'calib.jsonl', jsonl_text(PC * 10))}",
          "calibration.samples=64"],
         [f"calibration.source={t}/calib.jsonl gives", "row(s) of calibration.seq_len=64, fewer than calibration.samples=64 asked",
          "or choose a larger calibration.source"],
     ),
     "fewer calibration rows than asked: quantize fp8_static": lambda t, m: (
-        ["quantize", f"model_path={m['good']}", "quant=fp8_static", *QUANT, "calibration.source=arithmetic",
+        ["quantize", f"model.name_or_path={m['good']}", "quant=fp8_static", *QUANT, "calibration.source=arithmetic",
          "calibration.seq_len=64", "calibration.samples=4096"],
         ["calibration.source=arithmetic gives", "fewer than calibration.samples=4096 asked"],
     ),
@@ -388,9 +388,9 @@ def test_a_hub_id_with_no_network_fails_at_once(slm, tmp_path, capsys, no_hub, r
 def test_a_hub_id_with_hf_hub_offline_and_no_cache(slm, tmp_path, capsys, no_hub, record_message):
     no_hub.HF_HUB_OFFLINE = True
     out = tmp_path / "out"
-    assert slm("distill", "teacher.path=someorg/teacher", *FAST, f"output_dir={out}") == 2
+    assert slm("distill", "teacher.name_or_path=someorg/teacher", *FAST, f"output_dir={out}") == 2
     err = " ".join(record_message(capsys.readouterr().err).split())
-    assert "teacher.path=someorg/teacher is not a folder here" in err and "HF_HUB_OFFLINE is set" in err
+    assert "teacher.name_or_path=someorg/teacher is not a folder here" in err and "HF_HUB_OFFLINE is set" in err
     assert "Traceback" not in err and nothing_written(out)
 
 
@@ -409,8 +409,8 @@ def test_a_hub_id_with_no_network_in_a_fresh_process(tmp_path):
     env = cli_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
     env.pop("HF_HUB_OFFLINE", None)
     out = tmp_path / "out"
-    proc = cli(["quantize", "model_path=someorg/some-model", f"output_dir={out}"], cwd=tmp_path, env=env, timeout=120)
+    proc = cli(["quantize", "model.name_or_path=someorg/some-model", f"output_dir={out}"], cwd=tmp_path, env=env, timeout=120)
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 2, err[-3000:]
-    assert "model_path=someorg/some-model is not a folder here" in err and "cannot be reached" in err
+    assert "model.name_or_path=someorg/some-model is not a folder here" in err and "cannot be reached" in err
     assert "Traceback" not in err and nothing_written(out)

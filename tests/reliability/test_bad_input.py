@@ -63,8 +63,8 @@ CASES = {
         ["model.name_or_path={t}/nope: no such folder", "Give a folder holding config.json and weights"],
     ),
     "a folder that is not a model": (
-        lambda t, f: ["quantize", f"model_path={not_a_model(t)}"],
-        ["model_path={t}/notes is not a model folder (no config.json)", "Point it at a folder written by save_pretrained"],
+        lambda t, f: ["quantize", f"model.name_or_path={not_a_model(t)}"],
+        ["model.name_or_path={t}/notes is not a model folder (no config.json)", "Point it at a folder written by save_pretrained"],
     ),
     "malformed JSONL line": (
         lambda t, f: ["teacher", *TEACHER, *jsonl_data(t, MALFORMED)],
@@ -87,19 +87,19 @@ CASES = {
         ["all 256 examples were dropped", "within data.max_seq_len=8; raise data.max_seq_len"],
     ),
     "student tokenizer differs from the teacher's": (
-        lambda t, f: ["distill", f"teacher.path={f['teacher']}", f"student.path={f['other_tok']}", *FAST],
+        lambda t, f: ["distill", f"teacher.name_or_path={f['teacher']}", f"model.name_or_path={f['other_tok']}", *FAST],
         ["student tokenizer", "differs from the teacher's", "token-level distillation needs one vocabulary"],
     ),
     "student vocabulary smaller than the shared tokenizer": (
-        lambda t, f: ["distill", f"teacher.path={f['teacher']}", f"student.path={f['short_vocab']}", *FAST],
+        lambda t, f: ["distill", f"teacher.name_or_path={f['teacher']}", f"model.name_or_path={f['short_vocab']}", *FAST],
         ["student and teacher vocabularies do not fit together", "student lm_head has", "resize the model's token embeddings"],
     ),
     "impossible pruning target": (
-        lambda t, f: ["prune", f"model_path={f['teacher']}", "prune.keep_kv_heads=3", *PRUNE_FAST],
+        lambda t, f: ["prune", f"model.name_or_path={f['teacher']}", "prune.keep_kv_heads=3", *PRUNE_FAST],
         ["prune.keep_kv_heads=3 exceeds the model's num_key_value_heads=2"],
     ),
     "FP8 block shapes not divisible by 128": (
-        lambda t, f: ["quantize", f"model_path={f['teacher']}", "quant=fp8_block", *QUANT_FAST],
+        lambda t, f: ["quantize", f"model.name_or_path={f['teacher']}", "quant=fp8_block", *QUANT_FAST],
         ["quant.scheme=fp8_block needs every quantized Linear's (out, in) shape divisible by 128",
          "model.layers.0.self_attn.q_proj (out=64, in=64)", "or use quant.scheme=fp8_dynamic"],
     ),
@@ -138,7 +138,7 @@ def test_heads_not_divisible_by_kv_heads_is_refused(slm, tmp_path, capsys, recor
                          num_key_value_heads=4, vocab_size=len(tok))
     LlamaForCausalLM(config).save_pretrained(src)
     tok.save_pretrained(src)
-    rc = slm("prune", f"model_path={src}", "prune.keep_q_per_kv=1", *PRUNE_FAST, f"output_dir={out}")
+    rc = slm("prune", f"model.name_or_path={src}", "prune.keep_q_per_kv=1", *PRUNE_FAST, f"output_dir={out}")
     err = record_message(capsys.readouterr().err)
     assert rc == 2 and "num_attention_heads=6" in err and "num_key_value_heads=4" in err
     assert nothing_written(out)
@@ -161,7 +161,7 @@ def test_artifact_from_a_newer_slm_is_refused(slm, tmp_path, capsys, teacher_art
     meta = slm_json(newer)
     meta["slm_version"] = "99.0.0"
     (newer / "slm.json").write_text(json.dumps(meta))
-    for stage, field in (("student", "teacher.path"), ("quantize", "model_path")):
+    for stage, field in (("student", "teacher.name_or_path"), ("quantize", "model.name_or_path")):
         out = tmp_path / f"out-{stage}"
         extra = ["model=tiny-llama-student", *FAST] if stage == "student" else []
         assert slm(stage, f"{field}={newer}", *extra, f"output_dir={out}") == 2

@@ -49,9 +49,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_model(slm, tmp_path
 
     # nothing a later stage would accept: no output_dir, no slm.json anywhere
     assert not out.exists() and list(tmp_path.rglob("slm.json")) == []
-    assert slm("student", f"teacher.path={out}", "model=tiny-llama-student", *FAST, f"output_dir={tmp_path}/s") == 2
-    assert f"teacher.path={out}: no such folder" in capsys.readouterr().err
-    assert slm("quantize", f"model_path={work}/staging", f"output_dir={tmp_path}/q") == 2
+    assert slm("student", f"teacher.name_or_path={out}", "model=tiny-llama-student", *FAST, f"output_dir={tmp_path}/s") == 2
+    assert f"teacher.name_or_path={out}: no such folder" in capsys.readouterr().err
+    assert slm("quantize", f"model.name_or_path={work}/staging", f"output_dir={tmp_path}/q") == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
 
     # a kill can also land after a step was logged but before it was checkpointed, mid-line
@@ -91,7 +91,7 @@ def test_ctrl_c_outside_training_is_a_message_not_a_traceback(tmp_path, folders)
     out = tmp_path / "fp8"
     # The run waits at the start of its work until the signal comes: however fast the machine, the
     # signal lands outside training (a run that finished first used to make this test flaky).
-    with running(["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
+    with running(["quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
                  cwd=tmp_path, env=cli_env(PYTHONUNBUFFERED="1", SLM_TEST_PAUSE_AT="setup")) as proc:
         for line in proc.stderr:
             if "slm-test: paused at setup" in line:

@@ -21,9 +21,9 @@ def chain(tmp_path_factory):
     a = {name: root / name for name in ("teacher", "student", "distill", "fp8")}
     runs = [
         ["teacher", *TINY, *SHORT],
-        ["student", f"teacher.path={a['teacher']}", "model=tiny-llama-student", *SHORT],
-        ["distill", f"teacher.path={a['teacher']}", f"student.path={a['student']}", *SHORT],
-        ["quantize", f"model_path={a['distill']}", "trust_remote_code=true", "eval.source=null"],
+        ["student", f"teacher.name_or_path={a['teacher']}", "model=tiny-llama-student", *SHORT],
+        ["distill", f"teacher.name_or_path={a['teacher']}", f"model.name_or_path={a['student']}", *SHORT],
+        ["quantize", f"model.name_or_path={a['distill']}", "model.trust_remote_code=true", "eval.source=null"],
     ]
     for args, out in zip(runs, a.values()):
         assert run_slm(*args, f"output_dir={out}", f"hydra.run.dir={root}/logs/{out.name}") == 0, args[0]
@@ -58,12 +58,12 @@ def test_eval_and_quantize_warn_when_an_artifact_or_parent_changed(slm, tmp_path
             f"{chain['distill']} changed since `slm distill` wrote it (content hash differs from slm.json)",
             f"parent teacher {chain['teacher'].resolve()} changed since {chain['distill']} was made from it",
         ]
-        assert slm("eval", f"artifact={chain['distill']}", "data.test_size=4", "eval.max_new_tokens=4",
+        assert slm("eval", f"model.name_or_path={chain['distill']}", "data.test_size=4", "eval.max_new_tokens=4",
                    f"output_dir={tmp_path}/eval") == 0
         out = " ".join(record_message(capsys.readouterr().out).split())
         assert all(f"warning: {w}" in out for w in want), out[-3000:]
         assert "parent student" not in out  # unchanged parents are not flagged
-        assert slm("quantize", f"model_path={chain['distill']}", "eval.source=null", f"output_dir={tmp_path}/fp8") == 0
+        assert slm("quantize", f"model.name_or_path={chain['distill']}", "eval.source=null", f"output_dir={tmp_path}/fp8") == 0
         out = " ".join(capsys.readouterr().out.split())
         assert all(f"warning: {w}" in out for w in want), out[-3000:]
     finally:

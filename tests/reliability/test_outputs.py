@@ -46,9 +46,9 @@ def user_model(tmp_path: Path, folders, name: str = "my-model") -> Path:
 def test_quantize_into_its_own_source_is_refused_even_with_overwrite(slm, tmp_path, capsys, folders, record_message):
     model = user_model(tmp_path, folders)
     before = snapshot(model)
-    assert slm("quantize", f"model_path={model}", f"output_dir={model}", "overwrite=true", *QUANT) == 2
+    assert slm("quantize", f"model.name_or_path={model}", f"output_dir={model}", "overwrite=true", *QUANT) == 2
     err = " ".join(record_message(capsys.readouterr().err).split())
-    assert f"output_dir={model} is the input model_path={model}" in err and "Choose an output_dir outside every input" in err
+    assert f"output_dir={model} is the input model.name_or_path={model}" in err and "Choose an output_dir outside every input" in err
     assert snapshot(model) == before  # the user's model, byte for byte
     assert not (tmp_path / "my-model.work").exists() and not (tmp_path / "my-model.lock").exists()
 
@@ -64,16 +64,16 @@ def test_teacher_writing_over_the_model_it_reads_is_refused(slm, tmp_path, capsy
 def test_an_output_that_contains_an_input_is_refused(slm, tmp_path, capsys, folders):
     model = user_model(tmp_path / "models", folders)
     (tmp_path / "models" / "slm.json").write_text("{}")  # even an slm-looking folder: it holds the input
-    assert slm("quantize", f"model_path={model}", f"output_dir={tmp_path / 'models'}", "overwrite=true", *QUANT) == 2
-    assert f"contains the input model_path={model}" in " ".join(capsys.readouterr().err.split())
+    assert slm("quantize", f"model.name_or_path={model}", f"output_dir={tmp_path / 'models'}", "overwrite=true", *QUANT) == 2
+    assert f"contains the input model.name_or_path={model}" in " ".join(capsys.readouterr().err.split())
     assert (model / "config.json").is_file()
 
 
 def test_an_output_inside_an_input_is_refused(slm, tmp_path, capsys, folders):
     model = user_model(tmp_path, folders)
     before = snapshot(model)
-    assert slm("quantize", f"model_path={model}", f"output_dir={model / 'fp8'}", *QUANT) == 2
-    assert f"lies inside the input model_path={model}" in " ".join(capsys.readouterr().err.split())
+    assert slm("quantize", f"model.name_or_path={model}", f"output_dir={model / 'fp8'}", *QUANT) == 2
+    assert f"lies inside the input model.name_or_path={model}" in " ".join(capsys.readouterr().err.split())
     assert snapshot(model) == before
 
 
@@ -82,8 +82,8 @@ def test_a_symlink_to_the_input_is_the_input(slm, tmp_path, capsys, folders):
     link = tmp_path / "link"
     link.symlink_to(model)
     before = snapshot(model)
-    assert slm("quantize", f"model_path={model}", f"output_dir={link}", "overwrite=force", *QUANT) == 2
-    assert f"output_dir={link} is the input model_path={model}" in " ".join(capsys.readouterr().err.split())
+    assert slm("quantize", f"model.name_or_path={model}", f"output_dir={link}", "overwrite=force", *QUANT) == 2
+    assert f"output_dir={link} is the input model.name_or_path={model}" in " ".join(capsys.readouterr().err.split())
     assert snapshot(model) == before and link.is_symlink()
 
 
@@ -103,7 +103,7 @@ def test_overwrite_true_refuses_a_folder_slm_did_not_write_and_force_replaces_it
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "ideas.md").write_text("my notes")
-    args = ["quantize", f"model_path={folders['teacher']}", f"output_dir={notes}", *QUANT]
+    args = ["quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={notes}", *QUANT]
     assert slm(*args, "overwrite=true") == 2
     err = " ".join(record_message(capsys.readouterr().err).split())
     assert f"output_dir {notes} exists and was not written by slm" in err and "overwrite=force" in err
@@ -133,7 +133,7 @@ def test_a_users_files_named_like_slms_work_folder_and_lock_are_never_touched(sl
     out = tmp_path / "model"
     (tmp_path / "model.work").mkdir()
     (tmp_path / "model.work" / "thesis.tex").write_text("years of work")
-    args = ["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT]
+    args = ["quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={out}", *QUANT]
     assert slm(*args) == 2
     assert f"{tmp_path / 'model.work'} exists and is not slm's work folder" in " ".join(capsys.readouterr().err.split())
     assert (tmp_path / "model.work" / "thesis.tex").read_text() == "years of work"
@@ -151,7 +151,7 @@ def one_stage_recipe(tmp_path: Path) -> Path:
     recipe.write_text(
         "inputs: {teacher: null}\n"
         "stages:\n"
-        "  - name: fp8\n    stage: quantize\n    overrides: [eval.source=null]\n    inputs: {model_path: teacher}\n"
+        "  - name: fp8\n    stage: quantize\n    overrides: [eval.source=null]\n    inputs: {model.name_or_path: teacher}\n"
     )
     return recipe
 
@@ -186,7 +186,7 @@ def weight_only_fp8(tmp_path_factory, folders):
     """An FP8 weight-only artifact of the battery's model: the old artifact the tests below replace."""
     root = tmp_path_factory.mktemp("fp8-old")
     out = root / "fp8"
-    args = ["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT, "quant.scheme=fp8_weight_only",
+    args = ["quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={out}", *QUANT, "quant.scheme=fp8_weight_only",
             f"hydra.run.dir={root}/logs"]
     assert cli(args, cwd=root).returncode == 0
     return out
@@ -198,7 +198,7 @@ def test_a_kill_while_publishing_leaves_old_or_new_and_the_rerun_finishes(tmp_pa
     src = folders["teacher"]
     out = tmp_path / "fp8"
     shutil.copytree(weight_only_fp8, out)
-    base = ["quantize", f"model_path={src}", f"output_dir={out}", *QUANT, f"hydra.run.dir={tmp_path}/logs"]
+    base = ["quantize", f"model.name_or_path={src}", f"output_dir={out}", *QUANT, f"hydra.run.dir={tmp_path}/logs"]
     old = snapshot(out)
     cmd = [*base, "overwrite=true"]  # the new artifact: another scheme over the old one
     killed = cli(cmd, cwd=tmp_path, env=cli_env(SLM_TEST_KILL_AT=point))
@@ -217,7 +217,7 @@ def test_a_kill_while_publishing_leaves_old_or_new_and_the_rerun_finishes(tmp_pa
 
 def test_a_kill_after_publishing_a_new_output_then_the_same_command(tmp_path, folders):
     out = tmp_path / "fp8"
-    cmd = ["quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT, f"hydra.run.dir={tmp_path}/logs"]
+    cmd = ["quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={out}", *QUANT, f"hydra.run.dir={tmp_path}/logs"]
     assert cli(cmd, cwd=tmp_path, env=cli_env(SLM_TEST_KILL_AT="publish:after-rename")).returncode == -9
     assert (tmp_path / "fp8.work").exists()  # the kill came before the cleanup
     rerun = cli(cmd, cwd=tmp_path)  # no overwrite: the same command, as the user typed it
@@ -255,7 +255,7 @@ def test_non_finite_weights_are_never_published(slm, tmp_path, capsys, folders, 
     weights[name][0, 0] = float("nan")
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "fp8"
-    code = slm("quantize", f"model_path={model}", f"output_dir={out}", "quant.ignore=[lm_head,'re:.*down_proj']", *QUANT)
+    code = slm("quantize", f"model.name_or_path={model}", f"output_dir={out}", "quant.ignore=[lm_head,'re:.*down_proj']", *QUANT)
     err = " ".join(record_message(capsys.readouterr().err).split())
     assert code == 2 and "NaN or inf" in err and "Traceback" not in err
     assert nothing_written(out)
@@ -273,7 +273,7 @@ def test_check_finite_names_the_tensor(tmp_path):
 
 def test_an_output_under_a_file_is_a_clear_error(slm, tmp_path, capsys, folders):
     (tmp_path / "plain").write_text("a file")
-    assert slm("quantize", f"model_path={folders['teacher']}", f"output_dir={tmp_path / 'plain' / 'fp8'}", *QUANT) == 2
+    assert slm("quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={tmp_path / 'plain' / 'fp8'}", *QUANT) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"cannot create output_dir {tmp_path / 'plain' / 'fp8'}" in err and "Choose an output_dir in a folder you can write" in err
     assert (tmp_path / "plain").read_text() == "a file"
@@ -288,7 +288,7 @@ def test_an_output_on_a_read_only_file_system_is_a_clear_error(slm, tmp_path, ca
     else:
         target.with_name("slm-test-probe").rmdir()
         pytest.skip("/sys accepts new folders here: no unwritable location to test with")
-    assert slm("quantize", f"model_path={folders['teacher']}", f"output_dir={target}", *QUANT) == 2
+    assert slm("quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={target}", *QUANT) == 2
     assert f"cannot create output_dir {target}" in " ".join(capsys.readouterr().err.split())
 
 
@@ -298,7 +298,7 @@ def test_a_live_run_holds_the_lock_and_is_named(slm, tmp_path, capsys, folders, 
     out = tmp_path / "fp8"
     owner = hold_lock(out)
     try:
-        assert slm("quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT) == 2
+        assert slm("quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={out}", *QUANT) == 2
         err = " ".join(record_message(capsys.readouterr().err).split())
         assert f"another slm run ({platform.node()} pid {owner.pid}) is writing output_dir {out}" in err
         assert not out.exists()
@@ -312,7 +312,7 @@ def test_a_lock_file_naming_a_live_but_unrelated_pid_is_not_held(slm, tmp_path, 
     """A killed run's lock file may name a pid the system has since given to another process."""
     out = tmp_path / "fp8"
     (tmp_path / "fp8.lock").write_text(f"{platform.node()} {os.getpid()}")  # alive, but holds no lock
-    assert slm("quantize", f"model_path={folders['teacher']}", f"output_dir={out}", *QUANT) == 0
+    assert slm("quantize", f"model.name_or_path={folders['teacher']}", f"output_dir={out}", *QUANT) == 0
     assert slm_json(out)["stage"] == "quantize" and not (tmp_path / "fp8.lock").exists()
 
 
@@ -349,7 +349,7 @@ def test_op_builds_go_to_this_environment(monkeypatch):
 
 def test_a_refused_run_leaves_no_hydra_run_folder(slm, tmp_path, capsys):
     """Errors found inside a stage (after Hydra made its run folder) leave nothing either."""
-    assert slm("quantize", f"model_path={tmp_path / 'missing'}", *QUANT) == 2
+    assert slm("quantize", f"model.name_or_path={tmp_path / 'missing'}", *QUANT) == 2
     assert "no such folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

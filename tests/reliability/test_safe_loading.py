@@ -62,7 +62,7 @@ def test_target_keys_are_rejected_not_instantiated(slm, tmp_path, capsys):
     out = tmp_path / "out"
     marker = tmp_path / "ran"
     # were it instantiated, pathlib.Path(marker).touch would not even be reached: validation stops first
-    assert slm("quantize", f"model_path={tmp_path}", "+_target_=pathlib.Path", f"+_args_=[{marker}]", f"output_dir={out}") == 2
+    assert slm("quantize", f"model.name_or_path={tmp_path}", "+_target_=pathlib.Path", f"+_args_=[{marker}]", f"output_dir={out}") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "unknown key '_target_'" in err and "unknown key '_args_'" in err
     assert not marker.exists() and nothing_written(out)
@@ -99,15 +99,15 @@ def test_the_sentinel_runs_when_code_is_trusted(tmp_path, ships_code):
 
 def test_checkpoint_code_never_runs_without_the_user_flag(slm, tmp_path, capsys, ships_code, record_message):
     folder, sentinel = ships_code
-    # slm eval artifact=: the artifact's own slm.json cannot grant itself trust
+    # slm eval model.name_or_path=: the artifact's own slm.json cannot grant itself trust
     out = tmp_path / "eval"
-    assert slm("eval", f"artifact={folder}", "data.test_size=4", f"output_dir={out}") == 2
+    assert slm("eval", f"model.name_or_path={folder}", "data.test_size=4", f"output_dir={out}") == 2
     err = " ".join(record_message(capsys.readouterr().err).split())
-    assert f"artifact={folder} ships its own model code (auto_map in config.json)" in err
+    assert f"model.name_or_path={folder} ships its own model code (auto_map in config.json)" in err
     assert f"slm eval model=hf model.name_or_path={folder} model.trust_remote_code=true" in err
     assert nothing_written(out)
     # the other stages load the built-in architecture named by model_type, never the folder's code
     out = tmp_path / "fp8"
-    assert slm("quantize", f"model_path={folder}", "eval.source=null", f"output_dir={out}") == 0
+    assert slm("quantize", f"model.name_or_path={folder}", "eval.source=null", f"output_dir={out}") == 0
     assert json.loads((out / "slm.json").read_text())["trust_remote_code"] is False
     assert not sentinel.exists()

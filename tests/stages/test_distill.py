@@ -18,7 +18,7 @@ def pair(tmp_path_factory):
     teacher, student = root / "teacher", root / "student"
     assert run_slm("teacher", "model=tiny-llama", *SMALL, *FAST, "train.max_steps=40", f"output_dir={teacher}",
                  f"hydra.run.dir={root}/logs/t") == 0
-    assert run_slm("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=10",
+    assert run_slm("student", f"teacher.name_or_path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=10",
                  f"output_dir={student}", f"hydra.run.dir={root}/logs/s") == 0
     return teacher, student
 
@@ -27,7 +27,7 @@ def pair(tmp_path_factory):
 def test_each_mode_runs_and_kd_falls(slm, tmp_path, pair, mode):
     teacher, student = pair
     out = tmp_path / mode
-    args = [f"distill={mode}", f"teacher.path={teacher}", f"student.path={student}", *FAST, f"output_dir={out}",
+    args = [f"distill={mode}", f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *FAST, f"output_dir={out}",
             "distill.gen_max_new_tokens=8", "train.micro_batch_size=8"]
     if mode != "supervised":
         args += ["train.max_steps=8"]
@@ -50,7 +50,7 @@ def test_each_mode_runs_and_kd_falls(slm, tmp_path, pair, mode):
 
 def test_fused_and_plain_loss_agree(slm, tmp_path, pair):
     teacher, student = pair
-    common = [f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=3", "distill.divergence=generalized_jsd",
+    common = [f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *FAST, "train.max_steps=3", "distill.divergence=generalized_jsd",
               "distill.beta=0.3", "distill.kd_temperature=2.0"]
     assert slm("distill", *common, f"output_dir={tmp_path}/fused") == 0
     assert slm("distill", *common, "distill.fused_loss=false", f"output_dir={tmp_path}/plain") == 0
@@ -63,7 +63,7 @@ def test_fused_and_plain_loss_agree(slm, tmp_path, pair):
 def test_gradient_accumulation_gives_the_same_step(slm, tmp_path, pair):
     """16 sequences as 1x16 or 2x8 micro-batches: the same loss and the same weights after the step."""
     teacher, student = pair
-    common = [f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=1", "train.max_grad_norm=0"]
+    common = [f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *FAST, "train.max_steps=1", "train.max_grad_norm=0"]
     assert slm("distill", *common, "train.micro_batch_size=16", "train.grad_accum=1", f"output_dir={tmp_path}/one") == 0
     assert slm("distill", *common, "train.micro_batch_size=8", "train.grad_accum=2", f"output_dir={tmp_path}/two") == 0
     a, b = metrics_rows(tmp_path / "one")[0], metrics_rows(tmp_path / "two")[0]
@@ -105,7 +105,7 @@ def test_mismatched_tokenizer_is_refused(slm, tmp_path, pair):
     other = tmp_path / "other"
     assert slm("teacher", "model=tiny-llama-student", *FAST, "train.max_steps=1", "model.tokenizer_vocab_size=300",
                f"output_dir={other}") == 0
-    assert slm("distill", f"teacher.path={teacher}", f"student.path={other}", *FAST, f"output_dir={tmp_path}/d") == 2
+    assert slm("distill", f"teacher.name_or_path={teacher}", f"model.name_or_path={other}", *FAST, f"output_dir={tmp_path}/d") == 2
     assert not (tmp_path / "d").exists()
 
 
@@ -116,7 +116,7 @@ def test_zero3_shards_the_teacher_across_two_processes(tmp_path, pair):
     for name, extra in (("zero3", ["launcher=ddp2", "deepspeed=zero3"]), ("zero2", ["launcher=ddp2", "deepspeed=zero2"])):
         out = tmp_path / name
         proc = run_cli(
-            ["distill", *extra, f"teacher.path={teacher}", f"student.path={student}",
+            ["distill", *extra, f"teacher.name_or_path={teacher}", f"model.name_or_path={student}",
              *FAST, "train.max_steps=6", "train.micro_batch_size=8",  # fused loss: the lm_heads are sharded too
              f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs/{name}"],
         )
@@ -142,7 +142,7 @@ def test_on_policy_under_zero3_matches_zero2_on_two_processes(tmp_path, pair):
         out = tmp_path / stage
         proc = run_cli(
             ["distill", "distill=on_policy", "launcher=ddp2", f"deepspeed={stage}",
-             f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=4", "train.grad_accum=2",
+             f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *FAST, "train.max_steps=4", "train.grad_accum=2",
              "train.micro_batch_size=4", "distill.gen_max_new_tokens=6", "distill.fused_loss=false",
              f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs/{stage}"],
         )
@@ -163,7 +163,7 @@ def test_sequence_level_under_zero3_on_two_processes(tmp_path, pair):
     out = tmp_path / "seq"
     proc = run_cli(
         ["distill", "distill=sequence_level", "launcher=ddp2", "deepspeed=zero3",
-         f"teacher.path={teacher}", f"student.path={student}", *FAST, "train.max_steps=3", "train.micro_batch_size=4",
+         f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *FAST, "train.max_steps=3", "train.micro_batch_size=4",
          "distill.gen_max_new_tokens=8", f"output_dir={out}", f"hydra.run.dir={tmp_path}/logs"],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,7 +16,7 @@ def pair(tmp_path_factory):
     teacher, student = root / "teacher", root / "student"
     assert run_slm("teacher", "model=tiny-llama", *SMALL, *FAST, "train.max_steps=6", f"output_dir={teacher}",
                  f"hydra.run.dir={root}/logs/t") == 0
-    assert run_slm("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=2",
+    assert run_slm("student", f"teacher.name_or_path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=2",
                  f"output_dir={student}", f"hydra.run.dir={root}/logs/s") == 0
     return teacher, student
 
@@ -25,7 +25,7 @@ def test_k_equal_vocab_gives_the_online_losses(slm, tmp_path, pair):
     """With k = vocabulary the cache holds the whole distribution: every logged number equals online KD."""
     teacher, student = pair
     vocab = len(AutoTokenizer.from_pretrained(teacher))
-    common = [f"teacher.path={teacher}", f"student.path={student}", *QUICK, "distill.kd_temperature=2.0"]
+    common = [f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *QUICK, "distill.kd_temperature=2.0"]
     assert slm("distill", *common, f"output_dir={tmp_path}/online") == 0
     assert slm("distill", *common, "teacher.logits=precompute", f"teacher.logits_top_k={vocab}",
                f"output_dir={tmp_path}/cached") == 0
@@ -43,7 +43,7 @@ def test_k_equal_vocab_gives_the_online_losses(slm, tmp_path, pair):
 def test_small_k_trains_and_reports_bytes(slm, tmp_path, pair, divergence):
     teacher, student = pair
     out = tmp_path / "k8"
-    assert slm("distill", f"teacher.path={teacher}", f"student.path={student}", *QUICK, "train.max_steps=6",
+    assert slm("distill", f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *QUICK, "train.max_steps=6",
                "teacher.logits=precompute", "teacher.logits_top_k=8", f"distill.divergence={divergence}",
                f"output_dir={out}") == 0
     m = meta(out)["metrics"]
@@ -56,7 +56,7 @@ def test_small_k_trains_and_reports_bytes(slm, tmp_path, pair, divergence):
 
 def test_precompute_rejects_bad_settings(slm, tmp_path, pair):
     teacher, student = pair
-    common = [f"teacher.path={teacher}", f"student.path={student}", *QUICK, "teacher.logits=precompute"]
+    common = [f"teacher.name_or_path={teacher}", f"model.name_or_path={student}", *QUICK, "teacher.logits=precompute"]
     assert slm("distill", *common, "teacher.logits_top_k=100000", f"output_dir={tmp_path}/big") != 0
     assert slm("distill", *common, "distill=on_policy", f"output_dir={tmp_path}/onp") != 0
     assert not (tmp_path / "big").exists() and not (tmp_path / "onp").exists()

@@ -1,6 +1,7 @@
 """`slm eval` in-process on a tiny Llama saved here: every number in eval.json recomputed directly."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_exact_match_on_a_task_and_merge_into_the_artifact(slm, tmp_path, tiny_a
     hash_before = meta(tiny_artifact)["content_hash"]
     out = tmp_path / "ev"
     rc = slm(
-        "eval", f"artifact={tiny_artifact}", "data.test_size=6", "eval.max_new_tokens=4", "eval.few_shot=1",
+        "eval", f"model.name_or_path={tiny_artifact}", "data.test_size=6", "eval.max_new_tokens=4", "eval.few_shot=1",
         "eval.batch_size=4", "eval.write_to_artifact=true", f"output_dir={out}",
     )
     assert rc == 0
@@ -71,8 +72,8 @@ def test_exact_match_on_a_task_and_merge_into_the_artifact(slm, tmp_path, tiny_a
     assert m["metrics"]["eval"]["arithmetic"]["few_shot"] == 1
     assert artifacts.content_hash(tiny_artifact) == hash_before  # the checkpoint itself is untouched
 
-    assert slm("eval", f"artifact={tiny_artifact}", "data.test_size=6", f"output_dir={out}") == 2  # exists
-    assert slm("eval", f"artifact={tiny_artifact}", "data.test_size=2", "eval.max_new_tokens=2", f"output_dir={out}", "overwrite=true") == 0
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "data.test_size=6", f"output_dir={out}") == 2  # exists
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "data.test_size=2", "eval.max_new_tokens=2", f"output_dir={out}", "overwrite=true") == 0
     assert report(out)["metrics"]["n"] == 2
 
 
@@ -94,7 +95,7 @@ def test_perplexity_on_a_corpus(slm, tmp_path, tiny_artifact):
 
 def test_yes_no_auc_on_a_predictive_task(slm, tmp_path, tiny_artifact):
     out = tmp_path / "auc"
-    rc = slm("eval", f"artifact={tiny_artifact}", "data.source=arithmetic_yesno", "data.test_size=10", f"output_dir={out}")
+    rc = slm("eval", f"model.name_or_path={tiny_artifact}", "data.source=arithmetic_yesno", "data.test_size=10", f"output_dir={out}")
     assert rc == 0
     r = report(out)
     assert r["metric"] == "auc" and r["metrics"]["n"] == 10 and r["metrics"]["positives"] == 5
@@ -113,18 +114,20 @@ def test_gguf_file_is_evaluated_directly(slm, tmp_path, tiny_artifact):
     write_llama_gguf(model, tok, path)
     args = ["data.source=shakespeare", "eval.window=32", "eval.stride=16", "eval.max_tokens=100"]
     assert slm("eval", "model=hf", f"model.name_or_path={path}", *args, f"output_dir={tmp_path / 'g'}") == 0
-    assert slm("eval", f"artifact={tiny_artifact}", *args, f"output_dir={tmp_path / 'a'}") == 0
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", *args, f"output_dir={tmp_path / 'a'}") == 0
     a, g = report(tmp_path / "a")["metrics"], report(tmp_path / "g")["metrics"]
     assert g["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
 
 
 def test_user_errors_exit_2(slm, tmp_path, tiny_artifact, capsys):
-    assert slm("eval", f"artifact={tiny_artifact}", "eval.metric=perplexity", f"output_dir={tmp_path / 'x'}") == 2
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "eval.metric=perplexity", f"output_dir={tmp_path / 'x'}") == 2
     assert "does not fit data.source=arithmetic" in capsys.readouterr().err
     assert slm("eval", "model=tiny-llama", f"output_dir={tmp_path / 'y'}") == 2
-    assert "model has no weights" in capsys.readouterr().err
-    assert slm("eval", "model=hf", f"model.name_or_path={tiny_artifact}", "eval.write_to_artifact=true") == 2
-    assert "needs artifact=<folder>" in capsys.readouterr().err
-    assert slm("eval", f"artifact={tiny_artifact}", "data.source=arithmetic_yesno", "data.test_size=1", f"output_dir={tmp_path / 'z'}") == 2
+    assert "slm eval reads a trained model: give model.name_or_path=" in capsys.readouterr().err
+    plain = tmp_path / "plain"  # an HF folder with no slm.json: nothing to write the metrics into
+    shutil.copytree(tiny_artifact, plain, ignore=shutil.ignore_patterns("slm.json"))
+    assert slm("eval", f"model.name_or_path={plain}", "eval.write_to_artifact=true", f"output_dir={tmp_path / 'w'}") == 2
+    assert "has no slm.json (not an slm artifact)" in capsys.readouterr().err
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "data.source=arithmetic_yesno", "data.test_size=1", f"output_dir={tmp_path / 'z'}") == 2
     assert "both labels" in capsys.readouterr().err
-    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w"))

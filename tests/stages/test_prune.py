@@ -63,7 +63,7 @@ def sources(tmp_path_factory, tokenizer):
 def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind):
     src, out = sources[kind], tmp_path / "pruned"
     args = ["prune.keep_ffn=0.5", "prune.keep_q_per_kv=1", "prune.local_search_iters=4"]
-    assert slm("prune", f"model_path={src}", *args, *FAST, f"output_dir={out}") == 0
+    assert slm("prune", f"model.name_or_path={src}", *args, *FAST, f"output_dir={out}") == 0
     assert not (tmp_path / "pruned.work").exists()
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -99,7 +99,7 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
 
 def test_keep_everything_reproduces_the_logits(slm, tmp_path, sources):
     src, out = sources["qwen3"], tmp_path / "same"
-    assert slm("prune", f"model_path={src}", *FAST, f"output_dir={out}") == 0
+    assert slm("prune", f"model.name_or_path={src}", *FAST, f"output_dir={out}") == 0
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     before = AutoModelForCausalLM.from_pretrained(src).eval()(input_ids=ids).logits
     after = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
@@ -115,7 +115,7 @@ def test_target_params_and_drop_layers(slm, tmp_path, sources, capsys):
     one_layer = PrunePlan(method="wanda_sp", drop_layers=1)
     target = count_params_after(config, PrunePlan(keep_ffn=40, drop_layers=1)) + 100  # 3*64 params per neuron
     args = ["prune=wanda_sp", f"prune.target_params={target}", "prune.drop_layers=1", "prune.round_to=8"]
-    assert slm("prune", f"model_path={src}", *args, *FAST, f"output_dir={out}") == 0
+    assert slm("prune", f"model.name_or_path={src}", *args, *FAST, f"output_dir={out}") == 0
     assert "keep_ffn_count=40 of 128" in capsys.readouterr().out
     m = meta(out)
     assert m["metrics"]["intermediate_size"] == 40 and m["metrics"]["num_hidden_layers"] == 1
@@ -129,19 +129,19 @@ def test_target_params_and_drop_layers(slm, tmp_path, sources, capsys):
 
 def test_impossible_targets_exit_2_and_write_nothing(slm, tmp_path, sources, capsys):
     src, out = sources["llama"], tmp_path / "bad"
-    rc = slm("prune", f"model_path={src}", "prune.keep_kv_heads=3", "prune.keep_q_per_kv=3", "prune.drop_layers=2",
+    rc = slm("prune", f"model.name_or_path={src}", "prune.keep_kv_heads=3", "prune.keep_q_per_kv=3", "prune.drop_layers=2",
              *FAST, f"output_dir={out}")
     err = capsys.readouterr().err
     assert rc == 2 and "3 impossible pruning target(s)" in err
     assert "keep_kv_heads=3 exceeds the model's num_key_value_heads=2" in err
     assert "keep_q_per_kv=3 exceeds the query heads per KV head" in err and "remove all 2 layers" in err
-    assert slm("prune", f"model_path={src}", "prune.keep_ffn=0.0", *FAST, f"output_dir={out}") == 2
+    assert slm("prune", f"model.name_or_path={src}", "prune.keep_ffn=0.0", *FAST, f"output_dir={out}") == 2
     assert "keep 0 would remove the MLP" in capsys.readouterr().err
-    assert slm("prune", f"model_path={src}", "prune.keep_ffn=1", *FAST, f"output_dir={out}") == 2
+    assert slm("prune", f"model.name_or_path={src}", "prune.keep_ffn=1", *FAST, f"output_dir={out}") == 2
     assert "prune.keep_ffn_count=1 for a number of neurons" in capsys.readouterr().err
-    assert slm("prune", f"model_path={src}", "prune.keep_ffn_count=500", *FAST, f"output_dir={out}") == 2
+    assert slm("prune", f"model.name_or_path={src}", "prune.keep_ffn_count=500", *FAST, f"output_dir={out}") == 2
     assert "keep_ffn_count=500 exceeds the model's intermediate_size=128" in capsys.readouterr().err
-    assert slm("prune", f"model_path={src}", "prune.target_params=1000", *FAST, f"output_dir={out}") == 2
+    assert slm("prune", f"model.name_or_path={src}", "prune.target_params=1000", *FAST, f"output_dir={out}") == 2
     assert "below the smallest model these settings allow" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "bad.work").exists() and not (tmp_path / "bad.lock").exists()
 
@@ -149,7 +149,7 @@ def test_impossible_targets_exit_2_and_write_nothing(slm, tmp_path, sources, cap
 def test_existing_output_refused(slm, tmp_path, sources, capsys):
     out = tmp_path / "taken"
     out.mkdir()
-    assert slm("prune", f"model_path={sources['llama']}", "prune.keep_ffn=0.5", *FAST, f"output_dir={out}") == 2
+    assert slm("prune", f"model.name_or_path={sources['llama']}", "prune.keep_ffn=0.5", *FAST, f"output_dir={out}") == 2
     assert "already exists" in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
@@ -157,7 +157,7 @@ def test_existing_output_refused(slm, tmp_path, sources, capsys):
 def test_cfg_job_does_not_import_torch(tmp_path):
     code = (
         "import sys; from slm_cli.__main__ import main\n"
-        "try:\n    main(['prune', 'model_path=/x', 'prune.keep_ffn=0.5', '--cfg', 'job'])\n"
+        "try:\n    main(['prune', 'model.name_or_path=/x', 'prune.keep_ffn=0.5', '--cfg', 'job'])\n"
         "except SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

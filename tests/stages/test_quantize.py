@@ -57,7 +57,7 @@ def tensors(folder) -> dict:
 def test_scheme_round_trip(slm, tmp_path, source, scheme):
     out = tmp_path / "fp8"
     extra = [BLOCK_IGNORE] if scheme == "fp8_block" else []
-    assert slm("quantize", f"model_path={source}", f"quant={scheme}", *extra, *FAST, f"output_dir={out}") == 0
+    assert slm("quantize", f"model.name_or_path={source}", f"quant={scheme}", *extra, *FAST, f"output_dir={out}") == 0
     assert not (tmp_path / "fp8.work").exists()
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -106,8 +106,8 @@ def test_scheme_round_trip(slm, tmp_path, source, scheme):
 def test_ignore_respected_and_fake_quant_agrees(slm, tmp_path, source):
     reload, fake = tmp_path / "reload", tmp_path / "fake"
     ignore = "quant.ignore=[lm_head,'re:.*mlp\\.down_proj$']"
-    assert slm("quantize", f"model_path={source}", ignore, *FAST, f"output_dir={reload}") == 0
-    assert slm("quantize", f"model_path={source}", ignore, *FAST, "quant.fake_quant_eval=true", f"output_dir={fake}") == 0
+    assert slm("quantize", f"model.name_or_path={source}", ignore, *FAST, f"output_dir={reload}") == 0
+    assert slm("quantize", f"model.name_or_path={source}", ignore, *FAST, "quant.fake_quant_eval=true", f"output_dir={fake}") == 0
     t = tensors(reload)
     for i in range(2):
         down = f"model.layers.{i}.mlp.down_proj"
@@ -124,13 +124,13 @@ def test_ignore_respected_and_fake_quant_agrees(slm, tmp_path, source):
 
 def test_bad_requests_exit_2_and_write_nothing(slm, tmp_path, source, capsys):
     out = tmp_path / "fp8"
-    assert slm("quantize", f"model_path={source}", "quant.scheme=fp8_e5m2", f"output_dir={out}") == 2
+    assert slm("quantize", f"model.name_or_path={source}", "quant.scheme=fp8_e5m2", f"output_dir={out}") == 2
     err = capsys.readouterr().err
     assert "quant.scheme='fp8_e5m2'" in err and "fp8_block" in err
-    assert slm("quantize", f"model_path={source}", "quant=fp8_block", *FAST, f"output_dir={out}") == 2
+    assert slm("quantize", f"model.name_or_path={source}", "quant=fp8_block", *FAST, f"output_dir={out}") == 2
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.k_proj (out=64, in=128)" in err and "divisible by 128" in err
-    assert slm("quantize", f"model_path={source}", "quant.ignore=[lm_head,mlp.nothing]", *FAST, f"output_dir={out}") == 2
+    assert slm("quantize", f"model.name_or_path={source}", "quant.ignore=[lm_head,mlp.nothing]", *FAST, f"output_dir={out}") == 2
     assert "'mlp.nothing' matches no module" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "fp8.work").exists()
 
@@ -139,7 +139,7 @@ def test_existing_output_refused(slm, tmp_path, source, capsys):
     out = tmp_path / "fp8"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    assert slm("quantize", f"model_path={source}", *FAST, f"output_dir={out}") == 2
+    assert slm("quantize", f"model.name_or_path={source}", *FAST, f"output_dir={out}") == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -150,7 +150,7 @@ def test_changed_parent_warns_but_runs(slm, tmp_path, source, capsys):
     before = cfg.read_text()
     cfg.write_text(before.replace("{", '{\n  "edited": true,', 1))
     try:
-        assert slm("quantize", f"model_path={source}", "eval.source=null", f"output_dir={tmp_path / 'fp8'}") == 0
+        assert slm("quantize", f"model.name_or_path={source}", "eval.source=null", f"output_dir={tmp_path / 'fp8'}") == 0
     finally:
         cfg.write_text(before)
     out = capsys.readouterr().out
@@ -161,22 +161,22 @@ def test_changed_parent_warns_but_runs(slm, tmp_path, source, capsys):
 def test_cfg_job_does_not_import_torch(tmp_path):
     code = (
         "import sys; from slm_cli.__main__ import main; "
-        "main(['quantize', '--cfg', 'job', 'model_path=/models/x', 'quant=fp8_static']); "
+        "main(['quantize', '--cfg', 'job', 'model.name_or_path=/models/x', 'quant=fp8_static']); "
         "assert 'torch' not in sys.modules, 'torch imported by --cfg job'"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "scheme: fp8_static" in proc.stdout and "model_path: /models/x" in proc.stdout
+    assert "scheme: fp8_static" in proc.stdout and "model:\n  name_or_path: /models/x" in proc.stdout
 
 
 def test_a_gguf_file_is_quantized_from_its_converted_folder(slm, tmp_path, source):
-    """model_path may be a .gguf file (or a built-in name), as for every other stage."""
+    """model.name_or_path may be a .gguf file (or a built-in name), as for every other stage."""
     from tests.unit.test_pretrained import write_llama_gguf
 
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source), path)
     out = tmp_path / "fp8"
-    assert slm("quantize", f"model_path={path}", *FAST, f"output_dir={out}") == 0
+    assert slm("quantize", f"model.name_or_path={path}", *FAST, f"output_dir={out}") == 0
     m = meta(out)
     assert m["metrics"]["source_bytes"] > 0 and math.isfinite(m["metrics"]["perplexity_fp8"])
     assert m["parents"][0]["path"] != str(path) and "hash" in m["parents"][0]  # the converted folder, hashed

@@ -15,9 +15,9 @@ def _recipe(path, student_lr="3e-3", distill_teacher="teacher"):
         "stages": [
             {"name": "teacher", "stage": "teacher", "overrides": ["model=tiny-llama", *TINY]},
             {"name": "student", "stage": "student", "overrides": ["model=tiny-llama-student", *TINY, f"train.lr={student_lr}"],
-             "inputs": {"teacher.path": "teacher"}},
+             "inputs": {"teacher.name_or_path": "teacher"}},
             {"name": "kd", "stage": "distill", "overrides": [*TINY[3:]],
-             "inputs": {"teacher.path": distill_teacher, "student.path": "student"}},
+             "inputs": {"teacher.name_or_path": distill_teacher, "model.name_or_path": "student"}},
         ],
     }))
     return path
@@ -60,7 +60,7 @@ def test_failing_stage_stops_and_keeps_earlier_artifacts(slm, tmp_path, capsys):
         "stages": [
             {"name": "teacher", "stage": "teacher", "overrides": ["model=tiny-llama", *TINY]},
             {"name": "broken", "stage": "student", "overrides": ["model=tiny-llama-student", *TINY, "student.init=teacher_layers",
-                                                                 "student.layers=[0,7]"], "inputs": {"teacher.path": "teacher"}},
+                                                                 "student.layers=[0,7]"], "inputs": {"teacher.name_or_path": "teacher"}},
         ],
     }))
     assert slm("run", f"recipe={recipe}") == 2
@@ -74,12 +74,12 @@ def test_bad_recipe_lists_every_problem(slm, tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(yaml.safe_dump({"stages": [
         {"name": "a", "stage": "teachr"},
-        {"name": "b", "stage": "student", "inputs": {"teacher.path": "later"}, "overrides": ["output_dir=x"]},
+        {"name": "b", "stage": "student", "inputs": {"teacher.name_or_path": "later"}, "overrides": ["output_dir=x"]},
     ]}))
     assert slm("run", f"recipe={recipe}") == 2
     err = capsys.readouterr().err
     assert "stage='teachr' is not one of" in err
-    assert "input teacher.path='later' names no earlier stage" in err
+    assert "input teacher.name_or_path='later' names no earlier stage" in err
     assert "override 'output_dir=x' is set by the pipeline" in err
 
 

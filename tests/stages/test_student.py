@@ -26,7 +26,7 @@ def teacher(tmp_path_factory):
 
 def test_student_from_config_uses_teacher_tokenizer(slm, tmp_path, teacher):
     out = tmp_path / "student"
-    assert slm("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, f"output_dir={out}") == 0
+    assert slm("student", f"teacher.name_or_path={teacher}", "model=tiny-llama-student", *FAST, f"output_dir={out}") == 0
     m = meta(out)
     assert m["stage"] == "student" and m["init"] == "config"
     assert m["parents"][0]["role"] == "teacher" and len(m["parents"][0]["hash"]) == 64
@@ -39,7 +39,7 @@ def test_student_from_config_uses_teacher_tokenizer(slm, tmp_path, teacher):
 
 def test_student_from_teacher_layers(slm, tmp_path, teacher):
     out = tmp_path / "layers"
-    assert slm("student", f"teacher.path={teacher}", "student.init=teacher_layers", "student.layers=[0,3]",
+    assert slm("student", f"teacher.name_or_path={teacher}", "student.init=teacher_layers", "student.layers=[0,3]",
                *FAST, f"output_dir={out}") == 0
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.num_hidden_layers == 2 and cfg.hidden_size == AutoConfig.from_pretrained(teacher).hidden_size
@@ -48,9 +48,9 @@ def test_student_from_teacher_layers(slm, tmp_path, teacher):
 
 def test_student_from_smaller_pretrained_model(slm, tmp_path, teacher):
     small = tmp_path / "small"
-    assert slm("student", f"teacher.path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=2", f"output_dir={small}") == 0
+    assert slm("student", f"teacher.name_or_path={teacher}", "model=tiny-llama-student", *FAST, "train.max_steps=2", f"output_dir={small}") == 0
     out = tmp_path / "pretrained"
-    assert slm("student", f"teacher.path={teacher}", "student.init=pretrained", f"model.name_or_path={small}",
+    assert slm("student", f"teacher.name_or_path={teacher}", "student.init=pretrained", f"model.name_or_path={small}",
                *FAST, f"output_dir={out}") == 0
     roles = [p["role"] for p in meta(out)["parents"]]
     assert roles == ["teacher", "base_model"]
@@ -66,14 +66,14 @@ def test_student_with_other_tokenizer_is_refused(slm, tmp_path, teacher):
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=1)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
-    rc = slm("student", f"teacher.path={teacher}", "student.init=pretrained", f"model.name_or_path={other}", *FAST,
+    rc = slm("student", f"teacher.name_or_path={teacher}", "student.init=pretrained", f"model.name_or_path={other}", *FAST,
              f"output_dir={tmp_path}/s")
     assert rc == 2
     assert not (tmp_path / "s").exists()
 
 
 def test_missing_teacher_path_is_clear(slm, tmp_path, capsys):
-    rc = slm("student", f"teacher.path={tmp_path}/nope", "student.init=teacher_layers", "student.layers=[0]", *FAST,
+    rc = slm("student", f"teacher.name_or_path={tmp_path}/nope", "student.init=teacher_layers", "student.layers=[0]", *FAST,
              f"output_dir={tmp_path}/s")
     assert rc == 2
     assert "no such folder" in capsys.readouterr().err

@@ -43,7 +43,7 @@ def test_required_value_named():
 def test_student_rules():
     with pytest.raises(ConfigError, match="student.layers must list"):
         validate({"model": {"arch": "llama"}, "student": {"init": "teacher_layers"}}, StudentStageConfig)
-    with pytest.raises(ConfigError, match="needs teacher.path"):
+    with pytest.raises(ConfigError, match="needs teacher.name_or_path"):
         validate({"model": {"arch": "llama"}, "student": {"init": "teacher_layers", "layers": [0]}}, StudentStageConfig)
     cfg = validate({"model": {"arch": "llama"}, "student": {"init": "config"}}, StudentStageConfig)
     assert cfg.student.init == "config"
@@ -131,13 +131,13 @@ NAN, INF = float("nan"), float("inf")
         ({"train": {"lr": INF}}, TeacherStageConfig, "train.lr=inf is not a finite number; it must be > 0"),
         ({"train": {"max_grad_norm": NAN}}, TeacherStageConfig, "train.max_grad_norm=nan is not a finite number; it must be >= 0"),
         ({"train": {"max_steps": NAN}}, TeacherStageConfig, "train.max_steps=nan is not a finite number; it must be >= 1"),
-        ({"distill": {"kd_temperature": NAN}, "teacher": {"path": "t"}}, DistillStageConfig,
+        ({"distill": {"kd_temperature": NAN}, "teacher": {"name_or_path": "t"}}, DistillStageConfig,
          "distill.kd_temperature=nan is not a finite number; it must be > 0"),
-        ({"prune": {"target_params": NAN}, "model_path": "m"}, PruneStageConfig,
+        ({"prune": {"target_params": NAN}, "model": {"name_or_path": "m"}}, PruneStageConfig,
          "prune.target_params=nan is not a finite number; it must be >= 1 or null"),
-        ({"prune": {"target_params": INF}, "model_path": "m"}, PruneStageConfig,
+        ({"prune": {"target_params": INF}, "model": {"name_or_path": "m"}}, PruneStageConfig,
          "prune.target_params=inf is not a finite number; it must be >= 1 or null"),
-        ({"prune": {"keep_ffn": -INF}, "model_path": "m"}, PruneStageConfig,
+        ({"prune": {"keep_ffn": -INF}, "model": {"name_or_path": "m"}}, PruneStageConfig,
          "prune.keep_ffn=-inf is not a finite number; it must be in (0, 1] or null"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -154,7 +154,7 @@ def test_non_finite_numbers_are_one_clear_problem_each(values, schema, expected)
 def test_a_range_failure_does_not_cascade_into_cross_field_checks():
     """A value out of range is reported once; the checks that involve it see the default instead."""
     with pytest.raises(ConfigError) as info:
-        validate({"model_path": "m", "eval": {"window": NAN}}, PruneStageConfig)
+        validate({"model": {"name_or_path": "m"}, "eval": {"window": NAN}}, PruneStageConfig)
     assert info.value.problems == ["eval.window=nan is not a finite number; it must be >= 2"]
 
 

@@ -163,33 +163,33 @@ def _tiny_folder(path, tok=None):
 def test_check_model_folder_reads_headers_not_weights(tmp_path):
     """A whole folder passes; each safetensors file must end exactly where its header says."""
     folder = _tiny_folder(tmp_path / "m")
-    assert pretrained.check_model_folder(str(folder), "model_path") == str(folder)
+    assert pretrained.check_model_folder(str(folder), "model.name_or_path") == str(folder)
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data + b"\0")
     with pytest.raises(SlmError, match=r"model\.safetensors is longer than its header says"):
-        pretrained.check_model_folder(str(folder), "model_path")
+        pretrained.check_model_folder(str(folder), "model.name_or_path")
     weights.write_bytes(data[:4])
     with pytest.raises(SlmError, match=r"model\.safetensors is not a readable safetensors file"):
-        pretrained.check_model_folder(str(folder), "model_path")
+        pretrained.check_model_folder(str(folder), "model.name_or_path")
     weights.write_bytes(b"{not a header")
     with pytest.raises(SlmError, match=r"not a readable safetensors file"):
-        pretrained.check_model_folder(str(folder), "model_path")
+        pretrained.check_model_folder(str(folder), "model.name_or_path")
 
 
 def test_check_model_folder_tokenizer_and_kind_are_optional(tmp_path):
     folder = _tiny_folder(tmp_path / "m")
     (folder / "tokenizer.json").unlink()
-    pretrained.check_model_folder(str(folder), "model_path", tokenizer=False)
+    pretrained.check_model_folder(str(folder), "model.name_or_path", tokenizer=False)
     with pytest.raises(SlmError, match=r"has no tokenizer"):
-        pretrained.check_model_folder(str(folder), "model_path")
+        pretrained.check_model_folder(str(folder), "model.name_or_path")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized"}
     (folder / "config.json").write_text(json.dumps(config))
     pretrained.check_model_folder(str(folder), "artifact", tokenizer=False)  # eval and bench read quantized models
     with pytest.raises(SlmError, match=r"is a quantized checkpoint \(config.json quantization_config: "
                                        r"quant_method=compressed-tensors, format=int-quantized\).*quantized from"):
-        pretrained.check_model_folder(str(folder), "model_path", tokenizer=False, quantized_ok=False)
+        pretrained.check_model_folder(str(folder), "model.name_or_path", tokenizer=False, quantized_ok=False)
 
 
 def test_an_unreachable_hub_is_named_within_the_timeout():
@@ -210,9 +210,9 @@ def test_a_cached_hub_model_switches_the_hub_client_offline(tmp_path, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(SlmError, match=r"org/other is not a folder here.*\(http://127.0.0.1:9\) cannot be reached"):
-        pretrained.check_model_folder("org/other", "teacher.path")
+        pretrained.check_model_folder("org/other", "teacher.name_or_path")
     assert constants.HF_HUB_OFFLINE is False
-    assert pretrained.check_model_folder("org/tiny", "teacher.path") == "org/tiny"
+    assert pretrained.check_model_folder("org/tiny", "teacher.name_or_path") == "org/tiny"
     assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
 
 
@@ -222,5 +222,5 @@ def test_a_tokenizer_saved_on_its_own_loads_without_config_json(tmp_path):
     tok = train_bpe_tokenizer([TEXT], vocab_size=300)
     tok.save_pretrained(tmp_path / "tok")
     assert len(load_tokenizer(str(tmp_path / "tok"), field="model.tokenizer")) == len(tok)
-    with pytest.raises(SlmError, match=r"model_path=.*/tok is not a model folder \(no config.json\)"):
-        pretrained.check_model_folder(str(tmp_path / "tok"), "model_path")
+    with pytest.raises(SlmError, match=r"model.name_or_path=.*/tok is not a model folder \(no config.json\)"):
+        pretrained.check_model_folder(str(tmp_path / "tok"), "model.name_or_path")
