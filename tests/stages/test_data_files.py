@@ -47,6 +47,15 @@ def test_conversational_prompt_completion_jsonl_trains_and_a_second_run_reads_th
     assert end < start
     # the artifact reproduces its validation loss on the same chat rows, rendered the same way
     assert reloaded_val_loss(tmp_path / "a") == pytest.approx(first["metrics"]["val_loss"], rel=1e-4)
+    # slm eval scores the same rows: the prompt turns are what the model answers, the completion the reference
+    out = tmp_path / "eval"
+    assert slm("eval", f"model.name_or_path={tmp_path / 'a'}", "data=jsonl", f"data.source={data}", "data.val_fraction=0.1",
+               "eval.split=validation", "eval.max_new_tokens=3", f"output_dir={out}") == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["metric"] == "exact_match" and report["metrics"]["n"] == 8
+    answers = {str(a + b) for a, b in ((i % 9 + 1, i // 9 + 1) for i in range(N))}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 and all(p["reference"] in answers for p in predictions)
     # same data, same tokenizer (built from the same rows): the tokenized splits come from the cache
     second = teacher(slm, tmp_path / "b", data)
     assert second["metrics"]["data"]["from_cache"] is True
