@@ -1,16 +1,13 @@
 """Readers for user data in the shapes TRL users already have.
 
 TRL names a dataset by its *type* (what it trains) and *format* (plain strings, or chat
-messages); slm accepts the types a supervised trainer can learn from:
+messages); slm accepts the types a supervised trainer learns from, with the loss on:
 
-====================================  ==============================================================  =======================
-TRL type                              a row                                                           the loss falls on
-====================================  ==============================================================  =======================
-language modeling                     ``{"text": str}``                                               every token
-conversational language modeling      ``{"messages": [{"role", "content"}, ...]}``                     assistant turns
-prompt-completion                     ``{"prompt": str, "completion": str}``                          completion (+ eos)
-conversational prompt-completion      ``{"prompt": [messages], "completion": [messages]}``            the completion's assistant turns
-====================================  ==============================================================  =======================
+* language modeling, ``{"text": str}``: every token;
+* conversational language modeling, ``{"messages": [{"role", "content"}, ...]}``: assistant turns;
+* prompt-completion, ``{"prompt": str, "completion": str}``: the completion (and eos);
+* conversational prompt-completion, ``{"prompt": [messages], "completion": [messages]}``: the
+  completion's assistant turns.
 
 A conversational prompt-completion row is read as the conversation ``prompt + completion``
 (``messages``) plus ``prompt_turns = len(prompt)``, so every later stage (tokenization, on-policy
@@ -55,7 +52,6 @@ PROMPT_ONLY = "prompt-only"
 CONVERSATIONAL_PROMPT_ONLY = "conversational prompt-only"
 PREFERENCE = "preference"
 STEPWISE_SUPERVISION = "stepwise supervision"
-TRAINABLE_TYPES = (LANGUAGE_MODELING, CONVERSATIONAL_LANGUAGE_MODELING, PROMPT_COMPLETION, CONVERSATIONAL_PROMPT_COMPLETION)
 # the key a conversational prompt-completion row carries once read as messages: turns before it are prompt
 PROMPT_TURNS = "prompt_turns"
 FILE_BUILDERS = {".csv": "csv", ".parquet": "parquet"}  # read with datasets.load_dataset; .jsonl and .json by slm
@@ -64,7 +60,6 @@ DATA_SUFFIXES = (".jsonl", ".json", *FILE_BUILDERS)
 # columns keep the cell's characters as they are.
 CSV_AS_TEXT = {"converters": {key: str for key in ("text", "prompt", "completion", "messages")}, "keep_default_na": False}
 SPLITS = ("train", "validation", "test")
-JSONL_SPLIT_FILES = {split: f"{split}.jsonl" for split in SPLITS}
 HUB_PREFIX = "hub:"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 FORMATS_HELP = (
