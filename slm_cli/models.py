@@ -81,10 +81,11 @@ def _load_whole(source: str, path: str, field: str, **kwargs) -> PreTrainedModel
         wrapped = any(".base_layer." in k or ".lora_" in k for k in unexpected)
         raise SlmError(
             f"{field}={path}: its weights do not match its config.json ({_some('missing', missing)}"
-            f"{'; ' if missing and unexpected else ''}{_some('unexpected', unexpected)}), so transformers would fill "
-            "the missing ones with random values. "
-            + ("The weight names are PEFT-wrapped (base_layer, lora_A): the base was saved with its adapter layers "
-               "inside. Load it with peft, merge_and_unload(), and save_pretrained the result into a new folder."
+            f"{'; ' if missing and unexpected else ''}{_some('unexpected', unexpected)}): transformers would give "
+            "missing weights random values and drop unexpected ones. "
+            + ("The names are PEFT-wrapped (base_layer, lora_A): the model was saved with its LoRA layers inside, as "
+               "train.lora.merge=false did in earlier slm versions. Run the stage that wrote it again (it now writes "
+               "a clean base plus a PEFT adapter), or with train.lora.merge=true."
                if wrapped else "Save the model again with save_pretrained, or copy the folder again from its source.")
         )
     return model

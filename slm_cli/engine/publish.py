@@ -39,9 +39,10 @@ def publish_trained(engine, state_dict, *, cfg, resolved: dict, tokenizer, ds_co
 def save_adapter(peft_model, out, output_dir) -> tuple:
     """Write the LoRA adapter into `out` as a standard PEFT adapter beside a clean base; returns (base, record).
 
-    The artifact is the untouched base checkpoint (standard names: plain `from_pretrained` loads
-    the base model) plus adapter_config.json + adapter_model.safetensors, which
-    `peft.AutoPeftModelForCausalLM.from_pretrained(artifact)` loads on top of it. peft loads the
+    The artifact is the untouched base checkpoint (standard names) plus adapter_config.json +
+    adapter_model.safetensors. `AutoModelForCausalLM.from_pretrained(artifact)` loads the base and,
+    finding the adapter beside it, attaches it (transformers 5 with peft installed);
+    `peft.AutoPeftModelForCausalLM.from_pretrained(artifact)` loads it too. peft loads the
     base from the config's `base_model_name_or_path` as given (a relative path would be read from
     the caller's working folder), so it names the artifact's own final, absolute path; slm's loader
     ignores it and always takes the base beside the adapter, so a moved artifact still loads in slm.

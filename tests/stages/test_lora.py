@@ -11,7 +11,7 @@ import shutil
 import huggingface_hub
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm_cli import models
@@ -220,6 +220,15 @@ def test_a_half_loaded_checkpoint_is_an_error(trained, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert str(old) in err and "missing" in err and "base_layer" in err
     assert not (tmp_path / "e").exists()
+    # a plain checkpoint that lacks one weight is refused just the same
+    short = tmp_path / "short"
+    shutil.copytree(merged, short, ignore=shutil.ignore_patterns("slm.json"))
+    weights = load_file(short / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, short / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SlmError, match=r"short: its weights do not match its config.json \(1 missing, e.g. "
+                                       r"model.layers.1.mlp.up_proj.weight\): .*Save the model again"):
+        models.load_model(str(short))
 
 
 def test_broken_adapters_are_refused_before_loading(trained, tmp_path, monkeypatch, capsys):
