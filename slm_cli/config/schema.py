@@ -133,7 +133,7 @@ class LoraConfig:
     alpha: PositiveInt = 16  # scaling numerator (scale = alpha / r)
     dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0  # dropout on the adapter input
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
-    merge: bool = True  # merge adapters into the base weights in the saved artifact (else save base + adapter)
+    merge: bool = True  # merge adapters into the saved weights (false: the base + a PEFT adapter, merged on load by slm)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []

@@ -176,3 +176,24 @@ def test_the_error_that_stops_a_run_ends_its_log_and_prints_once(slm, tmp_path, 
     assert "slm error" not in captured.out  # the log record goes to the file, not to the terminal again
     last = (run_dir / "eval.log").read_text().strip().splitlines()[-1]
     assert "[slm][ERROR] - slm error:" in last and "missing.jsonl" in last
+
+
+@pytest.mark.slow  # two ranks under the deepspeed launcher (~1 min idle, 4 busy); one rank: teacher_run above
+def test_under_two_ranks_only_rank_0_logs_and_writes_events(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, steps = tmp_path / "run", 3
+    proc = run_cli(
+        ["teacher", "model=tiny-llama", "launcher=ddp2", *FAST, f"train.max_steps={steps}", "data.train_size=64",
+         "train.micro_batch_size=4", "train.report_to=[tensorboard]", f"output_dir={tmp_path / 'out'}",
+         f"hydra.run.dir={run_dir}"],
+        env={**os.environ, "SLM_LOG_EVERY": "0"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (events,) = list((run_dir / "tensorboard").iterdir())  # one writer: rank 0's
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, steps + 1))
+    log = (run_dir / "teacher.log").read_text()
+    assert [log.count(f"teacher: {i}/{steps} steps") for i in range(1, steps + 1)] == [1] * steps
+    assert log.count("teacher: setup") == 1
