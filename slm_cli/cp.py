@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -62,12 +63,12 @@ def main(args: list[str], stages: list[str]) -> int:
         # the shipped output_root would put the copy's artifacts over the shipped recipe's
         text = re.sub(r"(?m)^output_root:.*$", f"output_root: runs/{dest.stem}", text, count=1)
     shipped_as = f"configs/{source.name}" if source.parent == CONFIG_DIR else f"recipes/{name}.yaml"
-    header = (f"# Your copy of slm's {shipped_as} (slm cp {name}); edit it, then run it with\n"
-              f"#   {command} --config {dest} [key=value ...]\n")
+    run = f"{command} --config {shlex.quote(str(dest))}"
+    header = f"# Your copy of slm's {shipped_as} (slm cp {name}); edit it, then run it with\n#   {run} [key=value ...]\n"
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(header + text)
     os.replace(tmp, dest)  # all or nothing: no half-written file under the final name
-    print(f"wrote {dest} (from {source}); run it with: {command} --config {dest}")
+    print(f"wrote {dest} (from {source}); run it with: {run}")
     return 0
 
 

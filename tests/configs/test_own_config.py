@@ -149,6 +149,16 @@ def test_run_cfg_job_lists_the_stages_with_their_overrides(slm, tmp_path, capsys
     assert not root.exists()  # printed, nothing run
 
 
+def test_run_config_takes_any_file_name(slm, tmp_path, capsys):
+    """A path with a space and a quote reaches the run config intact (it is quoted for Hydra's grammar)."""
+    (tmp_path / "my dir").mkdir()
+    assert slm("cp", "quickstart", "my dir/it's.yaml") == 0
+    assert "run it with: slm run --config 'my dir/it'\"'\"'s.yaml'" in capsys.readouterr().out  # as a shell reads it
+    code, out, err = _job(capsys, slm, "run", "--config", "my dir/it's.yaml")
+    assert code == 0, err
+    assert _config(out)["recipe"] == "my dir/it's.yaml" and "#   fp8: slm quantize" in out
+
+
 def test_run_cfg_job_imports_nothing_heavy(tmp_path):
     code = (
         "import sys; from slm_cli.__main__ import main\n"
