@@ -50,6 +50,7 @@ def save_adapter(peft_model, out, output_dir) -> tuple:
     """
     peft_model.peft_config["default"].base_model_name_or_path = str(Path(output_dir).absolute())
     peft_model.save_pretrained(out, save_embedding_layers=False)  # "auto" would look the base up, on the hub too
+    (out / "README.md").unlink(missing_ok=True)  # peft's blank model-card template; slm.json records the artifact
     record = {
         "kind": "lora", "merged": False, "files": [pretrained.ADAPTER_CONFIG, pretrained.ADAPTER_WEIGHTS],
         "params": models.count_params(peft_model, trainable_only=True),

@@ -49,6 +49,7 @@ def test_the_folder_is_a_clean_base_plus_a_peft_adapter(trained, tmp_path):
     names = {p.name for p in unmerged.iterdir()}
     assert {"model.safetensors", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
     assert "adapter" not in names  # no nested folder: peft finds the adapter at the artifact itself
+    assert "README.md" not in names  # peft's blank model-card template is not kept
     config = json.loads((unmerged / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["base_model_name_or_path"] == str(unmerged)  # the base beside it, by absolute path
