@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     use_private_extensions_dir()  # before anything can build a DeepSpeed op, here or in a launched rank
     rest = _expand_recipe(stage, rest)
+    if _printed_config(rest) and ("-m" in rest or "--multirun" in rest):
+        _usage_error("--cfg prints the config of one run; drop -m (Hydra cannot print a sweep's configs)")
     stage_module = importlib.import_module(module)
     # check what Hydra will see: bench and report turn bare folder names into artifacts=[...]
     _check_command_line(stage, getattr(stage_module, "folders_to_override", list)(rest))

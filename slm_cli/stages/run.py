@@ -45,8 +45,7 @@ def print_plan(args: list[str]) -> None:
             line.append(a)
     available = {s for s, (module, _) in STAGES.items() if module and s != "run"}
     try:
-        configs = check_command_line("run", line, RunStageConfig)
-        for cfg in configs:
+        for cfg in check_command_line("run", line, RunStageConfig):
             recipe = pipeline.load_recipe(pipeline.find_recipe(cfg.recipe, RECIPE_DIR), available)
             root = Path(cfg.output_root or recipe.output_root)
             given = {**recipe.inputs, **{k: v for k, v in cfg.inputs.items() if v is not None}}

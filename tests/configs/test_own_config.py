@@ -124,6 +124,7 @@ def test_a_preset_of_your_own_starts_from_the_stage_config(slm, tmp_path, capsys
     (["run", "--config", "nope.yaml"], {}, "recipe=nope.yaml: no such file"),
     (["run", "recipe=nope"], {}, "recipe=nope: no such pipeline recipe. Pipelines shipped in"),
     (["run", "--config", "p.yaml", "recipe=quickstart"], {"p.yaml": "stages: []\n"}, "both name the pipeline; give one"),
+    (["run", "-m", "force=true,false", "--cfg", "job"], {}, "--cfg prints the config of one run; drop -m"),
 ])
 def test_config_file_mistakes_are_clear_errors(slm, tmp_path, capsys, args, files, message):
     for name, text in files.items():
