@@ -126,12 +126,14 @@ def write_cache(
     batch_size: int = 8,
     shard_tokens: int = 1 << 20,
     teacher_hash: str = "",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run the teacher over `examples` once and write the top-k cache; returns the index dict.
 
     Examples with identical (input_ids, labels) are stored once. `shard_tokens` bounds the rows
     per shard (a shard always holds whole examples). The index is written last, so a cache
-    without index.json is incomplete and gets rewritten.
+    without index.json is incomplete and gets rewritten. `progress(done, total)` is called after
+    each batch with the distinct examples done so far.
     """
     if not 1 <= k <= vocab_size:
         raise ValueError(f"teacher.logits_top_k={k} must be in [1, {vocab_size}] (the shared vocabulary)")
@@ -191,6 +193,8 @@ def write_cache(
             n_tokens += b - a
             if sum(buf["counts"]) >= shard_tokens:
                 flush()
+        if progress is not None:
+            progress(start + len(chunk), len(unique))
     flush()
     index = {
         "format": FORMAT_VERSION,

@@ -168,10 +168,12 @@ def _cached_objective(cfg: DistillStageConfig, teacher, examples: list, batch_fn
         teacher_hash = artifacts.content_hash(cfg.teacher.name_or_path)
         want = dict(k=k, vocab_size=vocab_size, kd_temperature=cfg.distill.kd_temperature, dtype=dtype)
         if not logit_cache.cache_matches(logit_cache.read_index(cache_dir), teacher_hash=teacher_hash, examples=examples, **want):
-            logit_cache.write_cache(
-                teacher, examples, cache_dir, collate=batch_fn, batch_size=cfg.train.micro_batch_size,
-                teacher_hash=teacher_hash, **want,
-            )
+            # the teacher runs over the whole training set once: minutes to hours for a real teacher
+            with ui.progress(f"teacher logits (top-{k} cache)", unit="examples") as bar:
+                logit_cache.write_cache(
+                    teacher, examples, cache_dir, collate=batch_fn, batch_size=cfg.train.micro_batch_size,
+                    teacher_hash=teacher_hash, progress=bar.callback, **want,
+                )
     dist.barrier()
     cache = logit_cache.TeacherLogitCache(cache_dir)
     index = cache.index

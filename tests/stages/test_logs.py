@@ -197,3 +197,21 @@ def test_under_two_ranks_only_rank_0_logs_and_writes_events(tmp_path):
     log = (run_dir / "teacher.log").read_text()
     assert [log.count(f"teacher: {i}/{steps} steps") for i in range(1, steps + 1)] == [1] * steps
     assert log.count("teacher: setup") == 1
+
+
+def test_the_teacher_logit_cache_reports_progress_per_batch(tmp_path):
+    """teacher.logits=precompute runs the teacher over the whole training set: `slm distill` shows it with ETA."""
+    from functools import partial
+
+    from slm_cli.data.tokenize import EncodedExample, collate
+    from slm_cli.distill.logit_cache import write_cache
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=64)).eval()
+    examples = [EncodedExample(list(range(i, i + 6)), [-100, -100] + list(range(i + 2, i + 6))) for i in range(5)]
+    calls = []
+    write_cache(teacher, examples + examples[:1], tmp_path, k=4, vocab_size=64, collate=partial(collate, pad_token_id=0),
+                batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]  # distinct examples only: the repeated one is stored once
