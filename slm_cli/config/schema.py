@@ -705,7 +705,7 @@ STAGE_SCHEMAS = {
 }
 
 
-EVAL_METRICS = ("auto", "perplexity", "exact_match", "auc")
+EVAL_METRICS = ("auto", "perplexity", "exact_match", "auc", "completion_ce")
 EVAL_SPLITS = ("test", "validation")
 
 
@@ -713,7 +713,7 @@ EVAL_SPLITS = ("test", "validation")
 class EvalSettings:
     """What `slm eval` measures, on which split, and how."""
 
-    metric: str = "auto"  # auto: perplexity for text, exact_match for a generative task, auc for a predictive one | perplexity | exact_match | auc
+    metric: str = "auto"  # auto: perplexity for text, exact_match for a generative task, auc for a predictive one | perplexity | exact_match | auc | completion_ce (cross-entropy of the completions, as training and slm report measure it)
     split: str = "test"  # split scored: test | validation (a corpus' validation split is its calibration text)
     batch_size: PositiveInt = 8  # sequences per forward pass or generate call
     dtype: Optional[str] = None  # weights dtype for evaluation: float32 | bfloat16 | float16; null = model.dtype

@@ -4,6 +4,9 @@
   * a generative task (`arithmetic`, `gsm_symbolic`): prompt/completion records -> exact match;
   * a predictive task (`arithmetic_yesno`): records with a 0/1 label -> yes/no AUC and accuracy
     (exact match also works: the task scores a generated "Yes"/"No");
+  * any prompt/completion or chat records, on request (eval.metric=completion_ce): the mean
+    cross-entropy of the completion tokens, encoded as training encodes them (the number
+    `slm report` shows for every artifact);
   * a user file: `{"text"}` records -> perplexity of their text joined by blank lines;
     the text of a split (corpus or file) is slm_cli/data/text.py's `split_text`, the one that
     `slm prune` and `slm quantize` score, and always the whole split (eval.max_tokens cuts tokens);
@@ -31,6 +34,7 @@ METRIC_KINDS = {
     "perplexity": ("text",),
     "exact_match": ("generative", "predictive"),
     "auc": ("predictive",),
+    "completion_ce": ("generative", "predictive"),
 }
 AUTO_METRIC = {"text": "perplexity", "generative": "exact_match", "predictive": "auc"}
 

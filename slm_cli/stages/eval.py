@@ -45,6 +45,7 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
     from slm_cli.engine.logging import quiet_libraries
     from slm_cli.errors import SlmError
     from slm_cli.evaluate import exact_match, perplexity, yes_no_auc
+    from slm_cli.evaluate.heldout import completion_cross_entropy
     from slm_cli.evaluate.sources import choose_metric, load_eval_data
     from slm_cli.pretrained import resolve_model_path
 
@@ -114,6 +115,11 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
                 seed=cfg.seed, progress=advance, chat=cfg.eval.chat,
             )
             rows = result.pop("predictions")
+        elif metric == "completion_ce":  # what slm report shows for every artifact (slm_cli/evaluate/heldout.py)
+            result = completion_cross_entropy(
+                model, tokenizer, data.examples, cfg.data.max_seq_len, batch_size=cfg.eval.batch_size, progress=advance,
+            )
+            rows = []
         else:
             choices = getattr(data.task, "choices", (" Yes", " No"))
             result = yes_no_auc(model, tokenizer, data.examples, batch_size=cfg.eval.batch_size, choices=choices, progress=advance)
@@ -157,6 +163,8 @@ def _settings(cfg: EvalStageConfig, metric: str) -> dict:
         return {"window": e.window, "stride": e.stride, "max_tokens": e.max_tokens}
     if metric == "exact_match":
         return {"few_shot": e.few_shot, "chat": e.chat, "max_new_tokens": e.max_new_tokens, "stop": list(e.stop), "seed": cfg.seed}
+    if metric == "completion_ce":
+        return {"max_seq_len": cfg.data.max_seq_len, "seed": cfg.seed}
     return {"seed": cfg.seed}
 
 

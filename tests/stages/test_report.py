@@ -98,13 +98,19 @@ def test_every_artifact_is_scored_on_the_teachers_test_split(slm, tmp_path, pipe
     assert (out / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_slm_eval_gives_the_report_s_exact_match(slm, tmp_path, pipeline):
+def test_slm_eval_gives_the_report_s_numbers(slm, tmp_path, pipeline):
     report = write_report([pipeline / "student"], tmp_path / "rep", "t", show=False)
     rows = {r["name"]: r for r in report["rows"]}
-    assert slm("eval", f"model.name_or_path={pipeline / 'student'}", "data.source=arithmetic", "data.test_size=8",
-               f"output_dir={tmp_path / 'eval'}") == 0
-    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
-    assert rows["student"]["metrics"]["heldout.exact_match"] == evaluated["exact_match"]
+    same = [f"model.name_or_path={pipeline / 'student'}", "data.source=arithmetic", "data.test_size=8", "data.max_seq_len=64"]
+    assert slm("eval", *same, f"output_dir={tmp_path / 'em'}") == 0
+    assert slm("eval", *same, "eval.metric=completion_ce", f"output_dir={tmp_path / 'ce'}") == 0
+    exact = json.loads((tmp_path / "em" / "eval.json").read_text())["metrics"]
+    ce = json.loads((tmp_path / "ce" / "eval.json").read_text())
+    assert rows["student"]["metrics"]["heldout.exact_match"] == exact["exact_match"]
+    # batches of 8 in slm eval, 32 in the report: the same sums up to float rounding in padded rows
+    assert rows["student"]["metrics"]["heldout.ce"] == pytest.approx(ce["metrics"]["ce"], rel=1e-5)
+    assert ce["metrics"]["tokens"] == rows["student"]["heldout"]["results"]["tokens"]
+    assert ce["settings"] == {"max_seq_len": 64, "seed": 0}
 
 
 def test_results_are_reused_while_files_and_data_are_unchanged(tmp_path, tokenizer, monkeypatch):

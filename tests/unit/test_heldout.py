@@ -53,3 +53,14 @@ def test_the_lineage_data_comes_from_the_resolved_config():
     a, b = load_heldout(c), load_heldout({**c, "seed": 8})
     assert len(a.examples) == 5 and a.metric == "exact_match" and a.spec["split"] == "test"
     assert a.key != b.key and a.key == load_heldout(c).key  # the records decide the key
+
+
+def test_a_corpus_lineage_is_scored_by_cross_entropy_alone():
+    from slm_cli.data.errors import DataError
+    from slm_cli.evaluate.sources import choose_metric, load_eval_data
+
+    d = load_heldout({"source": "shakespeare", "size": 3, "seed": 0, "val_fraction": 0.05, "max_seq_len": 64})
+    assert d.metric is None and len(d.examples) == 3 and all(set(e) == {"text"} for e in d.examples)
+    with pytest.raises(DataError, match="eval.metric=perplexity"):  # slm eval: a text has no completions
+        choose_metric(load_eval_data("shakespeare", "test", None, seed=0), "completion_ce")
+    assert choose_metric(load_eval_data("arithmetic_yesno", "test", 4, seed=0), "completion_ce") == "completion_ce"
