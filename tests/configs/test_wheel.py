@@ -28,9 +28,10 @@ from tests.stages.helpers import meta
 CHECKOUT = Path(slm_cli.__file__).resolve().parent.parent
 
 
-def _build(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """sdist from a copy of the checkout (setuptools writes build/ and *.egg-info where it builds),
-    then the wheel from the unpacked sdist, as `python -m build` does. Returns (source copy, sdist, wheel)."""
+def _build(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """From a copy of the checkout (setuptools writes build/ and *.egg-info where it builds): a wheel built
+    in the tree, as `pip install .` does, and an sdist, then a wheel from the unpacked sdist, as
+    `python -m build` does. Returns (source copy, in-tree wheel, sdist, wheel from the sdist)."""
     src = tmp_path / "src"
     src.mkdir()
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -39,15 +40,15 @@ def _build(tmp_path: Path) -> tuple[Path, Path, Path]:
     for name in ("slm_cli", "configs", "recipes"):  # slm_cli/configs and slm_cli/recipes stay symlinks
         shutil.copytree(CHECKOUT / name, src / name, symlinks=True, ignore=skip)
     backend = "import sys; from setuptools import build_meta as b; print(getattr(b, sys.argv[1])(sys.argv[2]))"
-    dist = tmp_path / "dist"
+    in_tree, dist = tmp_path / "in-tree", tmp_path / "dist"
+    subprocess.run([sys.executable, "-c", backend, "build_wheel", str(in_tree)], cwd=src, check=True, capture_output=True)
     subprocess.run([sys.executable, "-c", backend, "build_sdist", str(dist)], cwd=src, check=True, capture_output=True)
     (sdist,) = dist.glob("*.tar.gz")
-    with tarfile.open(sdist) as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
+    with tarfile.open(sdist) as tar:  # the "data" filter where this Python has it (3.10.12+, 3.11.4+)
+        tar.extractall(tmp_path / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (unpacked,) = (tmp_path / "unpacked").iterdir()
     subprocess.run([sys.executable, "-c", backend, "build_wheel", str(dist)], cwd=unpacked, check=True, capture_output=True)
-    (wheel,) = dist.glob("*.whl")
-    return src, sdist, wheel
+    return src, next(in_tree.glob("*.whl")), sdist, next(dist.glob("*.whl"))
 
 
 def _shipped_yaml(src: Path) -> set[str]:
@@ -86,22 +87,27 @@ TINY_DATA = ["data.train_size=64", "data.val_size=16", "data.test_size=8", "trai
 
 
 def test_installed_wheel_ships_every_config_and_runs_outside_the_checkout(tmp_path):
-    src, sdist, wheel = _build(tmp_path)
+    src, in_tree_wheel, sdist, wheel = _build(tmp_path)
     shipped = _shipped_yaml(src)
     assert "configs/teacher.yaml" in shipped and "recipes/quickstart.yaml" in shipped
     with tarfile.open(sdist) as tar:
         in_sdist = {n.split("/", 1)[1].removeprefix("slm_cli/") for n in tar.getnames() if n.endswith(".yaml") and "/slm_cli/" in n}
     assert in_sdist == shipped
-    with zipfile.ZipFile(wheel) as whl:
-        in_wheel = {n.removeprefix("slm_cli/") for n in whl.namelist() if n.endswith(".yaml")}
-    assert in_wheel == shipped
+    for built in (in_tree_wheel, wheel):
+        with zipfile.ZipFile(built) as whl:
+            assert {n.removeprefix("slm_cli/") for n in whl.namelist() if n.endswith(".yaml")} == shipped
 
     venv = _venv_with(wheel, tmp_path)
     work = tmp_path / "work"  # a folder outside the checkout, as a user's project
     work.mkdir()
-    where = subprocess.run([venv / "bin" / "python", "-c", "import slm_cli.paths as p; print(p.__file__); print(p.CONFIG_DIR)"],
-                           cwd=work, env=_env(), check=True, capture_output=True, text=True).stdout.split()
-    assert all(Path(w).is_relative_to(venv) for w in where), where  # the wheel's package and configs, not the checkout's
+    probe = ("import os, sys, slm_cli.paths as p; print(p.__file__); print(p.CONFIG_DIR); print(p.RECIPE_DIR)\n"
+             "print(*[e for e in sys.path if os.path.isdir(os.path.join(e or '.', 'slm_cli'))], sep='\\n')\n"
+             "print('finder' if any('editable' in repr(f) for f in sys.meta_path) else 'no finder')")
+    *where, finder = subprocess.run([venv / "bin" / "python", "-c", probe], cwd=work, env=_env(), check=True,
+                                    capture_output=True, text=True).stdout.strip().split("\n")
+    # the wheel's package, configs and recipes; the only folder on sys.path holding an slm_cli is the venv's
+    assert len(where) == 4 and all(Path(w).is_relative_to(venv) for w in where), where
+    assert finder == "no finder"  # the checkout's editable-install hook is not loaded
 
     _run(venv, ["teacher", "model=tiny-llama", "data=arithmetic", *TINY_DATA, "train.max_steps=2", "output_dir=teacher"], work)
     assert meta(work / "teacher")["stage"] == "teacher"
