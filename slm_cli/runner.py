@@ -53,8 +53,12 @@ def fail(message: str, code: int = 2) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    # the run folder's log ends with why the run stopped (a refused run's folder is removed just below)
-    logging.getLogger("slm").error("slm error: %s", message)
+    # the run folder's log ends with why the run stopped (a refused run's folder is removed just below);
+    # only through the log file handler Hydra's job_logging gives logger `slm` (see configs/hydra/slm.yaml):
+    # without one, logging's last-resort handler would print the message to stderr a second time
+    log = logging.getLogger("slm")
+    if log.handlers:
+        log.error("slm error: %s", message)
     _drop_empty_run_dir()
     # escaped: a message quoting `key=[a,b]` must print as written, not as rich markup
     Console(stderr=True).print(f"[bold red]slm error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)

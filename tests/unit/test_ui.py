@@ -98,3 +98,16 @@ def test_on_a_terminal_the_bar_shows_and_only_the_log_gets_the_lines(slm_log, mo
     assert "| eta" not in shown  # no plain lines on the terminal
     assert [line.split(" | ")[0] for line in slm_log()] == ["pruning with osscar: 1/2 layers (50%)",
                                                             "pruning with osscar: 2/2 layers (100%)"]
+
+
+def test_an_error_outside_a_hydra_log_prints_once(capsys, monkeypatch):
+    from slm_cli import runner
+
+    # no log file and nothing above it, as in a process whose logging Hydra did not configure: logging's
+    # last-resort handler must not repeat the message on stderr
+    monkeypatch.setattr(ui.log, "handlers", [])
+    monkeypatch.setattr(ui.log, "propagate", False)
+    with pytest.raises(SystemExit) as exc:
+        runner.fail("train.lr=-1: must be > 0")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.count("train.lr=-1: must be > 0") == 1
