@@ -9,11 +9,14 @@ which stay on Hydra's search path. Standard library only, like the dispatcher.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import sys
 from pathlib import Path
+
+import yaml
 
 from slm_cli.paths import CONFIG_DIR, RECIPE_DIR
 
@@ -58,18 +61,34 @@ def main(args: list[str], stages: list[str]) -> int:
         return _error(f"{dest} exists; slm cp will not overwrite it. Choose another file, or add --force to replace it.")
     if not dest.parent.is_dir():
         return _error(f"{dest.parent}: no such folder to write {dest.name} into")
+    if dest.resolve() == source.resolve():
+        return _error(f"{dest} is the shipped file itself; copy it somewhere else")
     text = source.read_text()
     if command == "slm run":
         # the shipped output_root would put the copy's artifacts over the shipped recipe's
-        text = re.sub(r"(?m)^output_root:.*$", f"output_root: runs/{dest.stem}", text, count=1)
+        root = f"runs/{dest.stem}"
+        if not _plain_yaml(root):  # a name YAML would read differently (a '#', ': '): quote it
+            root = json.dumps(root)
+        text = re.sub(r"(?m)^output_root:.*$", lambda _: f"output_root: {root}", text, count=1)
     shipped_as = f"configs/{source.name}" if source.parent == CONFIG_DIR else f"recipes/{name}.yaml"
     run = f"{command} --config {shlex.quote(str(dest))}"
     header = f"# Your copy of slm's {shipped_as} (slm cp {name}); edit it, then run it with\n#   {run} [key=value ...]\n"
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(header + text)
-    os.replace(tmp, dest)  # all or nothing: no half-written file under the final name
+    try:
+        tmp.write_text(header + text)
+        os.replace(tmp, dest)  # all or nothing: no half-written file under the final name
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        return _error(f"could not write {dest}: {exc.strerror or exc}")
     print(f"wrote {dest} (from {source}); run it with: {run}")
     return 0
+
+
+def _plain_yaml(value: str) -> bool:
+    try:
+        return yaml.safe_load(f"x: {value}") == {"x": value}
+    except yaml.YAMLError:
+        return False
 
 
 def _error(message: str) -> int:

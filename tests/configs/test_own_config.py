@@ -44,6 +44,9 @@ def test_cp_writes_an_editable_copy_and_refuses_to_overwrite(slm, tmp_path, caps
     assert slm("cp", "teacher/tiny-zero2-offload", "mine.yaml", "--force") == 0
     assert (tmp_path / "mine.yaml").read_text().endswith((RECIPE_DIR / "teacher" / "tiny-zero2-offload.yaml").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]  # no temporary file left beside it
+    capsys.readouterr()
+    assert slm("cp", "teacher", "/sys/x.yaml") == 2  # a folder nobody may write in, root included
+    assert "could not write /sys/x.yaml: Permission denied" in capsys.readouterr().err
 
     (tmp_path / "sub").mkdir()
     assert slm("cp", "quickstart", "sub") == 0  # a folder: the file keeps the recipe's name
@@ -51,6 +54,11 @@ def test_cp_writes_an_editable_copy_and_refuses_to_overwrite(slm, tmp_path, caps
     assert copied["output_root"] == "runs/quickstart"  # named after the copy, so it never writes over the shipped run's folder
     assert slm("cp", "quickstart", "q.yaml") == 0
     assert yaml.safe_load((tmp_path / "q.yaml").read_text())["output_root"] == "runs/q"
+    assert slm("cp", "quickstart", "#1: x.yaml") == 0  # a name YAML would cut at the '#' is quoted
+    assert yaml.safe_load((tmp_path / "#1: x.yaml").read_text())["output_root"] == "runs/#1: x"
+    capsys.readouterr()
+    assert slm("cp", "teacher", str(CONFIG_DIR / "teacher.yaml"), "--force") == 2
+    assert "is the shipped file itself" in capsys.readouterr().err
 
     capsys.readouterr()
     assert slm("cp", "teachr", "x.yaml") == 2
