@@ -54,3 +54,18 @@ def test_tensorboard_scalars_read_back_and_non_finite_values_are_left_out(tmp_pa
         "train/kd_loss": [(1, pytest.approx(0.4))],
         "eval/loss": [(1, 2.75)],
     }
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # slm's default: offline, nothing leaves the machine
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    trackers = Trackers(["wandb"], tmp_path, run_name="teacher")
+    trackers.log_step({"step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 900.0}, 1)
+    trackers.log({"eval/loss": 2.0, "eval/ce": 2.0}, 1)
+    trackers.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")  # `wandb sync <run>` uploads it later
+    assert list(run.glob("run-*.wandb"))
+    said = capsys.readouterr().err  # wandb's own messages: the mode, and a run summary naming the logged series
+    assert "W&B syncing is set to `offline`" in said and "train/learning_rate" in said and "eval/ce" in said
