@@ -164,11 +164,20 @@ def test_shipped_configs_set_every_schema_key():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import yaml
+
+    # a stage that reads trained weights (prune, quantize, eval) starts from model=hf: the sizes that only
+    # build a fresh model from config (hidden_size, ...) mean nothing there and are left out on purpose
+    weights_only = {f"model.{k}" for k in yaml.safe_load((CONFIG_DIR / "model" / "hf.yaml").read_text())}
     missing = []
     for stage, schema in STAGE_SCHEMAS.items():
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = OmegaConf.to_container(compose(config_name=stage))
-        missing += [f"{stage}: {k}" for k in _schema_keys(schema) if not _has(cfg, k)]
+        reads_weights = isinstance(cfg.get("model"), dict) and cfg["model"].get("name_or_path") == "???"
+        missing += [
+            f"{stage}: {k}" for k in _schema_keys(schema)
+            if not _has(cfg, k) and not (reads_weights and k.startswith("model.") and k not in weights_only)
+        ]
     assert not missing, missing
 
 
