@@ -181,8 +181,8 @@ def short_names(paths: list[Path]) -> list[str]:
 # --- the held-out evaluation ---------------------------------------------------------------
 
 
-def lineage_data(nodes: list[dict], reference: int) -> tuple[dict | None, str | None]:
-    """The lineage's task data (slm_cli/evaluate/heldout.py) and the row it was read from.
+def lineage_data(nodes: list[dict], reference: int) -> tuple[dict | None, int | None]:
+    """The lineage's task data (slm_cli/evaluate/heldout.py) and the index of the node it was read from.
 
     The reference's training data (the teacher's data.* in its slm.json), else the first
     artifact's, in lineage order, that trained on data. (None, None) when none did.
