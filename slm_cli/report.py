@@ -10,8 +10,8 @@ roots, keeps each checkpoint once (by content hash), and writes into `out_dir`:
   * report.png: held-out CE vs size on disk, and vs prefill latency (or a note that no artifact
     has been benched).
 Every artifact, pruned and FP8 included, is evaluated by the same code on the same records; the
-held-out numbers of an artifact are reused from the previous report.json in `out_dir` when its
-content hash and the data's key (records and settings) are unchanged.
+held-out numbers are cached under `$SLM_CACHE/heldout/` by the folder's content hash and the
+data's key (records and settings), and reused by any later report while both are unchanged.
 
 The folders named may be artifacts, a folder of artifacts (a pipeline's output_root), a Hydra
 multirun folder (one row per job, named by the job's overrides), or `slm bench` results folders
@@ -196,22 +196,35 @@ def lineage_data(nodes: list[dict], reference: int) -> tuple[dict | None, int | 
     return None, None
 
 
-def previous_evaluations(out_dir: Path) -> dict[tuple[str, str], dict]:
-    """Held-out results of the last report written to out_dir, by (artifact content hash, data key)."""
+def _cached(files_hash: str, key: str) -> Path:
+    """Where the held-out results of these files on this data are kept: ``$SLM_CACHE/heldout/``."""
+    from slm_cli.paths import cache_dir
+
+    return cache_dir() / "heldout" / f"{files_hash}-{key}.json"
+
+
+def read_cached(files_hash: str, key: str) -> dict | None:
+    """Held-out results measured before on the same files and the same data and settings, or None."""
     try:
-        old = json.loads((out_dir / REPORT_JSON).read_text())
+        return json.loads(_cached(files_hash, key).read_text())
     except (OSError, ValueError):
-        return {}
-    cache = {}
-    for row in old.get("rows", []):
-        h = row.get("heldout")
-        if isinstance(h, dict) and h.get("results") and h.get("files_hash") and h.get("key"):
-            cache[(h["files_hash"], h["key"])] = h["results"]
-    return cache
+        return None
 
 
-def evaluate_lineage(nodes: list[dict], data, cache: dict, show: bool) -> list[dict]:
-    """{key, files_hash, results | error, reused} for each node, measured on `data` (a HeldoutData)."""
+def write_cached(files_hash: str, key: str, results: dict) -> None:
+    from slm_cli.data.corpus import write_atomic
+
+    path = _cached(files_hash, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(results, default=str))
+
+
+def evaluate_lineage(nodes: list[dict], data, show: bool) -> list[dict]:
+    """{key, files_hash, results | error, reused} for each node, measured on `data` (a HeldoutData).
+
+    Results are cached by (content hash of the folder as it is now, data key) and reused while both
+    are unchanged, by any later report: the key covers the records and every setting.
+    """
     from slm_cli import ui
     from slm_cli.artifacts import content_hash
     from slm_cli.evaluate.heldout import evaluate_artifact
@@ -221,8 +234,9 @@ def evaluate_lineage(nodes: list[dict], data, cache: dict, show: bool) -> list[d
     for n in nodes:
         files_hash = content_hash(n["path"])  # what is on disk now, not what slm.json recorded
         entry = {"key": data.key, "files_hash": files_hash}
-        if (files_hash, data.key) in cache:
-            entry.update(results=cache[(files_hash, data.key)], reused=True)
+        cached = read_cached(files_hash, data.key)
+        if cached is not None:
+            entry.update(results=cached, reused=True)
         else:
             todo.append(len(out))
         out.append(entry)
@@ -230,10 +244,13 @@ def evaluate_lineage(nodes: list[dict], data, cache: dict, show: bool) -> list[d
         with ui.progress("evaluating on held-out data", total=len(todo), unit="artifacts", enabled=show) as bar:
             for i in todo:
                 try:
-                    out[i].update(results=evaluate_artifact(str(nodes[i]["path"]), data), reused=False)
+                    results = evaluate_artifact(str(nodes[i]["path"]), data)
                 except (SlmError, OSError, ValueError, RuntimeError) as exc:  # one unreadable artifact must not sink the report
                     out[i]["error"] = f"{type(exc).__name__}: {exc}"
                     ui.console.print(f"[bold yellow]warning:[/bold yellow] {nodes[i]['path']}: not evaluated: {exc}", highlight=False)
+                else:
+                    out[i].update(results=results, reused=False)
+                    write_cached(out[i]["files_hash"], data.key, results)
                 bar.advance(1)
     return out
 
@@ -425,7 +442,7 @@ def markdown(report: dict) -> str:
     lines += [f"- **{r['name']}**: `{r['path']}`" + (f" (from {', '.join(r['parents'])})" if r["parents"] else "") for r in rows]
     reused = sum(bool((r.get("heldout") or {}).get("reused")) for r in rows)
     if reused:
-        lines += ["", f"Held-out numbers of {reused} artifact(s) were reused from the previous report (same files, same data)."]
+        lines += ["", f"Held-out numbers of {reused} artifact(s) were measured before on the same files and data, and reused."]
     if not any(k.startswith("bench.") for k, _ in cols):
         lines += ["", NO_BENCH[0].upper() + NO_BENCH[1:] + "."]
     if any(r["metrics"].get("bench.note") == FP8_NOTE for r in rows):
@@ -488,12 +505,10 @@ def plot(rows: list[dict], quality: str, path: Path, title: str) -> bool:
 # --- the whole report --------------------------------------------------------------------------
 
 
-def build_report(artifact_dirs: list[str | Path], title: str, *, evaluate: bool = True,
-                 cache: dict | None = None, show: bool = False) -> dict:
-    """The report as a dict (what report.json holds), without writing anything.
+def build_report(artifact_dirs: list[str | Path], title: str, *, evaluate: bool = True, show: bool = False) -> dict:
+    """The report as a dict (what report.json holds), without writing anything but the results cache.
 
-    With `evaluate`, every artifact is scored on the lineage's held-out data (results found in
-    `cache`, keyed by (content hash, data key), are reused).
+    With `evaluate`, every artifact is scored on the lineage's held-out data (see evaluate_lineage).
     """
     inputs = read_inputs(artifact_dirs)
     nodes, missing = gather_lineage(inputs.artifacts)
@@ -506,7 +521,7 @@ def build_report(artifact_dirs: list[str | Path], title: str, *, evaluate: bool 
         from slm_cli.evaluate.heldout import load_heldout
 
         data = load_heldout(config)
-        heldout = evaluate_lineage(nodes, data, cache or {}, show)
+        heldout = evaluate_lineage(nodes, data, show)
         data_info = {"spec": data.spec, "metric": data.metric, "settings": data.settings, "key": data.key,
                      "examples": len(data.examples), "from": short_names([n["path"] for n in nodes])[source_row]}
     rows, ref = build_rows(nodes, heldout, inputs)
@@ -529,16 +544,14 @@ def write_report(artifact_dirs: list[Path], out_dir: Path, title: str, *, show: 
     """Write report.json, report.md and report.png for the artifacts and their lineage into out_dir.
 
     Written into `<out_dir>.work/staging` and published in one rename, like every slm output;
-    an existing out_dir is replaced only under `overwrite` (see artifacts.check_output), and its
-    report.json's held-out results are reused for unchanged artifacts. Prints the table to slm's
-    console unless show=False. Returns the report dict (as in report.json) with `files`: the paths written.
+    an existing out_dir is replaced only under `overwrite` (see artifacts.check_output). Prints
+    the table to slm's console unless show=False. Returns the report dict (as in report.json) with `files`: the paths written.
     """
     from slm_cli import artifacts
 
     out_dir = Path(out_dir)
-    cache = previous_evaluations(out_dir) if overwrite else {}
     staging = artifacts.begin(out_dir, overwrite)
-    report = build_report(artifact_dirs, title, evaluate=evaluate, cache=cache, show=show)
+    report = build_report(artifact_dirs, title, evaluate=evaluate, show=show)
     report["plot"] = plot(report["rows"], report["quality"], staging / REPORT_PNG, title) if report["quality"] else False
     names = [REPORT_JSON, REPORT_MD] + ([REPORT_PNG] if report["plot"] else [])
     report["files"] = [str(out_dir / n) for n in names]

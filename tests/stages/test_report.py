@@ -114,21 +114,23 @@ def test_slm_eval_gives_the_report_s_numbers(slm, tmp_path, pipeline):
 
 
 def test_results_are_reused_while_files_and_data_are_unchanged(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path / "cache"))  # nothing measured before this test
     teacher = save(tmp_path / "teacher", tokenizer, 2, 64, "teacher", [], {}, config={"data": DATA, "seed": 0})
     student = save(tmp_path / "student", tokenizer, 1, 64, "student", [artifacts.parent("teacher", teacher)], {})
     out = tmp_path / "rep"
     first = write_report([student], out, "t", show=False)
     assert not any(r["heldout"]["reused"] for r in first["rows"])
+    assert len(list((tmp_path / "cache" / "heldout").glob("*.json"))) == 2
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("evaluated again although files and data are unchanged")
 
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m:  # another report, into another folder
         m.setattr("slm_cli.evaluate.heldout.evaluate_artifact", must_not_run)
-        again = write_report([student], out, "t", show=False, overwrite=True)
+        again = write_report([student], tmp_path / "rep2", "t", show=False)
     assert all(r["heldout"]["reused"] for r in again["rows"])
     assert [r["metrics"]["heldout.ce"] for r in again["rows"]] == [r["metrics"]["heldout.ce"] for r in first["rows"]]
-    assert "reused from the previous report" in (out / REPORT_MD).read_text()
+    assert "measured before on the same files and data, and reused" in (tmp_path / "rep2" / REPORT_MD).read_text()
 
     # new weights in one artifact: that one is scored again, the other is reused
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
