@@ -20,7 +20,8 @@ fill caches); we report the median and the spread (interquartile range, min and 
 shared machine makes single numbers lie.
 
 Run as `python -m slm_cli.evaluate.speed SPEC.json RESULT.json`, a measurement happens in a
-fresh process, so the peak resident memory it reports belongs to that one model alone.
+fresh process, so the peak resident memory it reports belongs to that one model alone; it prints
+one `slm-bench-progress <done> <total>` line per measurement on stdout for `slm bench`'s progress.
 """
 
 from __future__ import annotations
