@@ -115,3 +115,18 @@ def test_one_name_per_role():
         text = path.read_text()
         for old in RETIRED:
             assert old not in text.replace("resolve_model_path", ""), f"{path} still says {old.strip()!r}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SCHEMAS))
+def test_stage_help_says_how_to_run_it(slm, stage, capsys):
+    """`slm <stage> --help` names the ways in: overrides, --config/recipe=, --cfg job, -m, and slm cp."""
+    assert slm(stage, "--help") == 0
+    out = capsys.readouterr().out
+    lines = (f"slm {stage} [key=value ...]", f"slm {stage} --config FILE.yaml", "recipe=NAME|FILE.yaml",
+             f"slm {stage} --cfg job", f"slm {stage} -m key=a,b", f"slm cp {stage} FILE.yaml")
+    if stage == "run":  # a pipeline: recipe= or --config picks it, and slm cp copies a pipeline
+        lines = ("slm run recipe=NAME|FILE.yaml", "--config FILE.yaml", "slm run --config FILE.yaml --cfg job",
+                 "slm cp quickstart FILE.yaml")
+    for line in lines:
+        assert line in out, (stage, line)
+    assert "name_or_path" in out or stage in ("bench", "report", "run")  # the config itself follows
