@@ -219,6 +219,34 @@ def read_config(path: str | Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(config, folder: str | Path | None = None) -> str | None:
+    """The floating dtype a checkpoint was saved in: its config's `dtype` (`torch_dtype` in older files),
+    else the dtype most of its safetensors weights are stored in (read from the file headers, no
+    tensors loaded). None when neither says (e.g. a hub id whose config names no dtype).
+    """
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if named is not None:
+        name = str(named).removeprefix("torch.")
+        if name in DTYPES:
+            return name
+    counts: dict[str, int] = {}
+    if folder is not None and Path(folder).is_dir():
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for name, entry in header.items():
+                if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                    elements = 1
+                    for size in entry.get("shape", ()):
+                        elements *= size
+                    counts[dtype] = counts.get(dtype, 0) + elements
+    return max(counts, key=counts.get) if counts else None
+
+
 def example_texts(examples: list[dict]) -> list[str]:
     """The raw text of prompt/completion, chat and plain-text examples (to train a tokenizer on)."""
     texts = []

@@ -664,7 +664,7 @@ class PruneStageConfig:
     """`slm prune`: structured pruning (OSSCAR or a baseline) of an artifact into a smaller standard checkpoint."""
 
     stage: str = "prune"  # which stage this config drives (set by the stage's YAML)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="???"))  # the artifact to prune: model.name_or_path=<folder> (dtype: loaded, pruned and saved in it; statistics are float32)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="???"))  # the artifact to prune: model.name_or_path=<folder> (dtype: the compute dtype of statistics, solver and perplexity; the checkpoint is saved in the source's own dtype)
     seed: Seed = 0  # fixes the records drawn from built-in tasks for calibration and evaluation
     output_dir: str = "outputs/artifact"  # artifact folder written on success (refused if it exists, unless overwrite)
     overwrite: Union[bool, str] = False  # true: replace an existing output_dir that slm wrote | force: replace whatever is there

@@ -335,7 +335,7 @@ def rerun_command(output_dir: Path) -> str | None:
     """The command line that continues this run: the user's own, with output_dir pinned, or None if unknown.
 
     The dispatcher leaves `sys.argv = ["slm-<stage>", <hydra args>]` (under our launcher too). A
-    recipe is given back as `recipe=NAME`; `hydra.run.dir` pinned by the launcher and any
+    recipe is given back as `recipe=NAME`, a file of the user's as `--config FILE`; `hydra.run.dir` pinned by the launcher and any
     `resume=` (resume=false would start afresh) are left out.
     """
     prog = Path(sys.argv[0]).name if sys.argv else ""
@@ -346,10 +346,11 @@ def rerun_command(output_dir: Path) -> str | None:
     while i < len(args):
         a = args[i]
         if a == "--config-dir" and i + 3 < len(args) and args[i + 2] == "--config-name":
-            if Path(args[i + 1]).resolve() == (RECIPE_DIR / stage).resolve():
-                out.append(f"recipe={args[i + 3]}")
-            else:
-                out += args[i : i + 4]
+            folder, name = Path(args[i + 1]), args[i + 3]
+            if folder.resolve() == (RECIPE_DIR / stage).resolve():
+                out.append(f"recipe={name}")
+            else:  # the user's own file, given back as they can type it
+                out += ["--config", str(folder / (name if name.endswith(".yaml") else f"{name}.yaml"))]
             i += 4
             continue
         drop = {"output_dir", "resume"} | ({"hydra.run.dir"} if os.environ.get("SLM_LAUNCHED") == "1" else set())

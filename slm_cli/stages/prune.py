@@ -13,6 +13,10 @@ Calibration uses the first `calibration.samples * calibration.seq_len` tokens of
 `calibration.source` validation split (a corpus' calibration split). Perplexity is the
 sliding-window one of slm_cli/evaluate/perplexity.py on the first `eval.max_tokens` tokens of the
 `eval.source` test split.
+Statistics, solver and refit compute in `model.dtype` (float32 by default); the checkpoint is saved
+in the source's own dtype (its config.json `dtype`, else the dtype of its safetensors weights), and
+both perplexities read weights as stored (the source's, the saved checkpoint's) computed in
+`model.dtype`. slm.json's metrics record `compute_dtype` and `saved_dtype`.
 """
 
 from __future__ import annotations
@@ -123,6 +127,9 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     source = Path(source_path)
     tokenizer = models.load_tokenizer(cfg.model.tokenizer or str(source), cfg.model.trust_remote_code, field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
+    # computed in model.dtype (float32 by default: statistics, solver, refit), saved in the source's own
+    # dtype, so a bf16 source gives a bf16 pruned checkpoint instead of one twice its size
+    save_dtype = models.stored_dtype(config, source) or cfg.model.dtype
     plan, note = make_plan(cfg.prune, config)
     if note:
         ui.console.print(f"[bold]{note}[/bold]", highlight=False)
@@ -152,10 +159,11 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     if report.params_after != predicted:  # the surgery and the prediction disagree: a bug, never publish it
         raise SlmError(f"the pruned model has {report.params_after:,} parameters, {predicted:,} were predicted")
     out = artifacts.begin(cfg.output_dir, cfg.overwrite)
-    models.save_model(model, tokenizer, out)
+    models.save_model(model.to(models.torch_dtype(save_dtype)), tokenizer, out)
     del model
     ppl_pruned = None
     if eval_text:
+        # the saved weights (rounded to save_dtype), computed in model.dtype as the source's were
         reloaded = models.load_model(str(out), cfg.model.dtype, cfg.model.trust_remote_code, field="output_dir").eval()
         ppl_pruned = score(reloaded, "the saved pruned checkpoint, loaded back")
         del reloaded
@@ -185,6 +193,8 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         "calibration_rows": int(calib.shape[0]),
         "calibration_seq_len": int(calib.shape[1]),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "compute_dtype": cfg.model.dtype,
+        "saved_dtype": save_dtype,
     }
     if ppl_source is not None:
         metrics.update({

@@ -212,13 +212,16 @@ def _wait_for_file(root, pattern, proc, timeout: float = 240):
 def test_the_rerun_command_gives_back_a_recipe_and_drops_what_would_not_continue(monkeypatch, tmp_path):
     from slm_cli.paths import RECIPE_DIR
 
-    recipe = ["--config-dir", str(RECIPE_DIR / "distill"), "--config-name", "sft_then_on_policy"]
-    monkeypatch.setattr("sys.argv", ["slm-distill", *recipe, "train.lr=1e-4", "resume=false", "output_dir=old",
+    recipe = ["--config-dir", str(RECIPE_DIR / "teacher"), "--config-name", "tiny-zero2-offload"]
+    monkeypatch.setattr("sys.argv", ["slm-teacher", *recipe, "train.lr=1e-4", "resume=false", "output_dir=old",
                                      "data.source=my data.jsonl"])
     monkeypatch.delenv("SLM_LAUNCHED", raising=False)
     assert checkpoint.rerun_command(tmp_path / "out") == (
-        f"slm distill recipe=sft_then_on_policy train.lr=1e-4 'data.source=my data.jsonl' output_dir={tmp_path / 'out'}"
+        f"slm teacher recipe=tiny-zero2-offload train.lr=1e-4 'data.source=my data.jsonl' output_dir={tmp_path / 'out'}"
     )
+    # a file of the user's (--config, which the dispatcher turned into --config-dir/--config-name) comes back as --config
+    monkeypatch.setattr("sys.argv", ["slm-teacher", "--config-dir", "/home/me/cfg", "--config-name", "mine", "train.lr=1e-4"])
+    assert checkpoint.rerun_command(tmp_path / "b") == f"slm teacher --config /home/me/cfg/mine.yaml train.lr=1e-4 output_dir={tmp_path / 'b'}"
     # under the deepspeed launcher the worker's command line carries the run folder the launcher pinned
     monkeypatch.setattr("sys.argv", ["slm-teacher", "hydra.run.dir=/x/logs", "train.lr=1e-4", "output_dir=/x/a"])
     monkeypatch.setenv("SLM_LAUNCHED", "1")

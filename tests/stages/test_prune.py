@@ -1,6 +1,7 @@
 """`slm prune` end to end on tiny Llama and Qwen3 (GQA) artifacts: the real CLI in-process, the pruned
 checkpoint read back with plain transformers, its size against the prediction, slm.json, and refusals."""
 
+import json
 import math
 import subprocess
 import sys
@@ -12,12 +13,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3
 from slm_cli import artifacts
 from slm_cli.data import load_splits
 from slm_cli.data.corpus import load_corpus
+from slm_cli.data.text import text_fingerprint
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.perplexity import perplexity
 from slm_cli.prune import PrunePlan, count_params, count_params_after
 from tests.stages.helpers import meta
 
+# the sources record no task data: name the text, so these tests measure pruning, not the fallback
 FAST = [
+    "calibration.source=shakespeare", "eval.source=shakespeare",
     "calibration.samples=4", "calibration.seq_len=64", "calibration.batch_size=2",
     "eval.max_tokens=256", "eval.window=128", "eval.stride=64", "threads=1",
 ]
@@ -79,7 +83,9 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
     assert m["stage"] == "prune" and parent["role"] == "source" and parent["stage"] == "student"
     assert parent["hash"] == artifacts.content_hash(src)
     assert m["config"]["prune"]["keep_ffn"] == 0.5
-    assert m["calibration"] == {"source": "shakespeare", "split": "validation", "rows": 4, "seq_len": 64, "tokens": 256}
+    calib_hash = text_fingerprint(load_corpus("shakespeare", "calibration"))
+    assert m["calibration"] == {"source": "shakespeare", "origin": "given", "text_sha256": calib_hash, "rows": 4,
+                                "seq_len": 64, "tokens": 256, "eval_source": "shakespeare"}
     layers = m["pruning"]["layers"]
     assert len(layers) == 2
     for entry in layers:
@@ -95,6 +101,42 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
     got = perplexity(model, tok, text, window=128, stride=64, max_tokens=256)
     assert got["perplexity"] == pytest.approx(metrics["perplexity_pruned"], rel=1e-5)
     assert metrics["eval_tokens"] == got["tokens"] == 255 and math.isfinite(metrics["perplexity_source"])
+
+
+def _stored_dtypes(folder) -> set[str]:
+    """The dtypes in the safetensors headers of `folder` (read without loading a tensor)."""
+    found = set()
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return found
+
+
+def test_pruned_checkpoint_keeps_the_source_dtype(slm, tmp_path, sources):
+    """A bf16 source gives a bf16 pruned checkpoint (half the bytes of float32), while the statistics and
+    solver still run in model.dtype=float32; a float32 source stays float32."""
+    bf16_src = tmp_path / "bf16-source"
+    AutoModelForCausalLM.from_pretrained(sources["llama"], dtype=torch.bfloat16).save_pretrained(bf16_src)
+    AutoTokenizer.from_pretrained(sources["llama"]).save_pretrained(bf16_src)
+    assert _stored_dtypes(bf16_src) == {"BF16"}
+    sizes = {}
+    data = ["calibration.source=shakespeare", "eval.source=shakespeare"]
+    for name, src in {"bf16": bf16_src, "fp32": sources["llama"]}.items():
+        out = tmp_path / f"pruned-{name}"
+        assert slm("prune", f"model.name_or_path={src}", "prune.keep_ffn=0.5", *FAST, *data, f"output_dir={out}") == 0
+        saved = "bfloat16" if name == "bf16" else "float32"
+        metrics = meta(out)["metrics"]
+        assert (metrics["compute_dtype"], metrics["saved_dtype"]) == ("float32", saved)
+        assert json.loads((out / "config.json").read_text())["dtype"] == saved
+        assert _stored_dtypes(out) == {"BF16" if name == "bf16" else "F32"}
+        assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == getattr(torch, saved)
+        sizes[name] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        # the recorded perplexity is that of the weights as saved, computed in float32
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        got = perplexity(model, AutoTokenizer.from_pretrained(out), load_corpus("shakespeare", "test"), window=128, stride=64, max_tokens=256)
+        assert got["perplexity"] == pytest.approx(metrics["perplexity_pruned"], rel=1e-5)
+    assert 0.45 < sizes["bf16"] / sizes["fp32"] < 0.55
 
 
 def test_keep_everything_reproduces_the_logits(slm, tmp_path, sources):
