@@ -102,14 +102,18 @@ def test_generalized_jsd_ends_are_forward_and_reverse_kl(logits):
         torch.testing.assert_close(near_one, rkl, rtol=1e-2, atol=1e-3)
 
 
-def test_generalized_jsd_relation_to_unscaled_gkd_value(logits):
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_generalized_jsd_relation_to_unscaled_gkd_value(logits, beta):
+    """TRL's generalized_jsd_loss per token (m = beta*teacher + (1-beta)*student, beta*KL(p||m) + (1-beta)*KL(q||m))
+    is slm's value times beta*(1-beta): the README's "4x TRL's at beta 0.5"."""
     student, teacher = logits
-    beta = 0.5
     q, p = _probs(student, 1.0), _probs(teacher, 1.0)
     m = beta * p + (1 - beta) * q
     unscaled = beta * _direct_kl(p, m) + (1 - beta) * _direct_kl(q, m)
     ours = generalized_jsd(student, teacher, beta=beta)
     torch.testing.assert_close(ours.double() * beta * (1 - beta), unscaled, rtol=1e-5, atol=1e-7)
+    if beta == 0.5:
+        torch.testing.assert_close(ours.double(), 4 * unscaled, rtol=1e-5, atol=1e-7)
 
 
 def test_skew_kl_with_alpha_zero_is_plain_kl(logits):
