@@ -591,7 +591,7 @@ def fused_linear_distillation_loss(
     kd_weight: float = 0.9,
     ignore_index: int = -100,
     reduction: str = "mean",
-    chunk_size: int = 1024,
+    chunk_size: int = 256,  # distill.chunk_size's default: fastest measured at 4096 x 32k (BENCHMARKS.md), 0.41 GB extra
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     vocab_size: int | None = None,

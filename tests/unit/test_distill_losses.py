@@ -475,3 +475,13 @@ def test_fused_head_keeps_the_plain_call_and_computes_the_loss_with_its_own_weig
     twin = copy.deepcopy(head)  # the bound forward follows the copy, not the original's weight
     twin.weight.data.zero_()
     assert twin(hidden).abs().sum() == 0 and head(hidden).abs().sum() > 0
+
+
+def test_the_fused_loss_and_the_config_agree_on_the_chunk_size():
+    """One default: the function's chunk_size is distill.chunk_size's (they once said 1024 and 256)."""
+    import inspect
+
+    from slm_cli.config.schema import DistillSettings
+
+    default = inspect.signature(fused_linear_distillation_loss).parameters["chunk_size"].default
+    assert default == DistillSettings().chunk_size == 256
