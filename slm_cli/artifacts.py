@@ -492,3 +492,28 @@ def read_metadata(folder: str | Path, missing_ok: bool = False) -> dict | None:
             return None
         raise SlmError(f"{folder} has no {METADATA_FILE}: it was not written by an slm stage.")
     return json.loads(path.read_text())
+
+
+def recorded_task_data(folder: str | Path) -> tuple[dict, Path] | None:
+    """The task data an artifact was made for, and the folder whose slm.json records it, or None.
+
+    The nearest in the lineage, breadth first from `folder` through slm.json `parents` (the
+    `source` of a pruned or FP8 artifact, a distilled student's teacher after the student's own
+    config): the `data` block (source, val_fraction, ...) of a training or eval run's resolved
+    config. A plain Hugging Face folder, or a lineage that never trained on data, gives None.
+    """
+    queue, seen = [Path(folder)], set()
+    while queue:
+        here = queue.pop(0)
+        key = str(here.resolve())
+        if key in seen:
+            continue
+        seen.add(key)
+        meta = read_metadata(here, missing_ok=True) if here.is_dir() else None
+        if not meta:
+            continue
+        data = (meta.get("config") or {}).get("data")
+        if isinstance(data, dict) and data.get("source"):
+            return data, here
+        queue += [Path(p["path"]) for p in meta.get("parents", []) if p.get("path")]
+    return None

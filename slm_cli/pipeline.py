@@ -4,11 +4,17 @@ A recipe (recipes/quickstart.yaml) looks like
 
     output_root: runs/quickstart
     inputs: {teacher: null}            # artifacts the user may pass: slm run inputs.teacher=...
+    data: {source: arithmetic}         # the task data, named once: every stage that needs data uses it
     stages:
       - name: student                  # the artifact lands in <output_root>/student
         stage: student                 # which `slm <stage>` runs it
         overrides: [model=tiny-llama-student, train.max_steps=100]
         inputs: {teacher.name_or_path: teacher}   # config key <- an earlier stage's artifact or a recipe input
+
+The `data:` block reaches every stage unless the stage's own overrides set the key: training and
+eval stages get `data=<built-in source>` (or `data=jsonl data.source=<file>`) and the block's other
+data keys, prune and quantize get `calibration.source` and `eval.source` (data_overrides). These
+overrides pass the same allow-list as a stage's own and count in its run key.
 
 Re-running is incremental. A stage's *run key* hashes its stage, overrides and the content
 hashes of the artifacts it reads; the runner records each finished stage's key and its
@@ -102,9 +108,10 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
         hint = (" It looks like one stage's config (it has a defaults list): run it with `slm <stage> --config "
                 f"{path}`." if isinstance(data, dict) and "defaults" in data else "")
         raise SlmError(f"{path}: a pipeline recipe needs a non-empty `stages:` list.{hint}")
-    unknown = set(data) - {"output_root", "inputs", "stages"}
+    unknown = set(data) - {"output_root", "inputs", "stages", "data"}
     if unknown:
-        problems.append(f"unknown top-level keys {sorted(unknown)} (valid: output_root, inputs, stages)")
+        problems.append(f"unknown top-level keys {sorted(unknown)} (valid: output_root, inputs, data, stages)")
+    task_data = recipe_data(data.get("data"), problems)
     user_inputs = dict(data.get("inputs") or {})
     stages: list[StageSpec] = []
     seen: set[str] = set()
@@ -120,6 +127,7 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
             name=str(raw.get("name", "")), stage=str(raw.get("stage", "")),
             overrides=[str(o) for o in raw.get("overrides") or []], inputs={str(k): str(v) for k, v in (raw.get("inputs") or {}).items()},
         )
+        own = list(spec.overrides)
         if not spec.name:
             problems.append(f"{where}: `name` is required")
         elif spec.name in seen:
@@ -144,11 +152,82 @@ def load_recipe(path: Path, known_stages: set[str]) -> Recipe:
                 refusal = override_refusal(spec.stage, o)
                 if refusal:
                     problems.append(f"{where} ({spec.name}, slm {spec.stage}): override {o!r} is refused: {refusal}")
+        if task_data and spec.stage in known_stages:
+            # first, so that the stage's own overrides are what a reader sees last; keys it sets are not added
+            derived = data_overrides(spec.stage, task_data, own)
+            for o in derived:
+                refusal = override_refusal(spec.stage, o)
+                if refusal:
+                    problems.append(f"{where} ({spec.name}, slm {spec.stage}): data: gives {o!r}, which is refused: {refusal}")
+            spec.overrides = [*derived, *own]
         seen.add(spec.name)
         stages.append(spec)
     if problems:
         raise SlmError(f"{len(problems)} problem(s) in recipe {path}:\n  - " + "\n  - ".join(problems))
     return Recipe(path=path, output_root=str(data.get("output_root") or f"runs/{path.stem}"), stages=stages, inputs=user_inputs)
+
+
+def recipe_data(value, problems: list[str]) -> dict | None:
+    """A recipe's top-level `data:` block as {data key: value}, or None when it has none.
+
+    `data: arithmetic` is short for `data: {source: arithmetic}`; a mapping takes any key of the
+    stages' `data` config (source, max_seq_len, train_size, ...). Problems are appended to `problems`.
+    """
+    import dataclasses
+
+    from slm_cli.config.schema import DataConfig
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"source": value}
+    if not isinstance(value, dict):
+        problems.append(f"data: must be a source name or a mapping of data keys (e.g. data: {{source: arithmetic}}), not {value!r}")
+        return None
+    valid = [f.name for f in dataclasses.fields(DataConfig)]
+    bad = sorted(set(value) - set(valid))
+    if bad:
+        problems.append(f"data: unknown keys {bad} (valid: {', '.join(valid)})")
+    if not value.get("source") or not isinstance(value.get("source"), str):
+        problems.append("data: needs `source`: the task data every stage uses (a built-in task, a corpus or a data file)")
+        return None
+    return {k: v for k, v in value.items() if k in valid}
+
+
+def _override_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def data_overrides(stage: str, data: dict, own: list[str]) -> list[str]:
+    """The overrides a recipe's `data:` block gives `slm <stage>`, less the keys the stage's own overrides set.
+
+    A stage that trains or evaluates (its config has `data`) gets the data group of a built-in source
+    (`data=arithmetic`, as a user would type it) or `data=jsonl data.source=<file>` for anything
+    else, then the block's other keys as `data.<key>=...`; a stage that calibrates or measures
+    perplexity (prune, quantize) gets `calibration.source` and `eval.source`.
+    """
+    from slm_cli.config.schema import STAGE_SCHEMAS
+    from slm_cli.paths import CONFIG_DIR
+
+    schema = STAGE_SCHEMAS.get(stage)
+    if schema is None:
+        return []
+    mine = {o.split("=", 1)[0].lstrip("+~") for o in own}
+    source = str(data["source"])
+    out: list[str] = []
+    if _schema_has(schema, ["data", "source"]):
+        if not mine & {"data", "data.source"}:
+            shipped = (CONFIG_DIR / "data" / f"{source}.yaml").is_file() and _OPTION.fullmatch(source)
+            out += [f"data={source}"] if shipped else ["data=jsonl", f"data.source={source}"]
+        out += [f"data.{k}={_override_value(v)}" for k, v in data.items() if k != "source" and f"data.{k}" not in mine]
+    for key in ("calibration.source", "eval.source"):
+        if _schema_has(schema, key.split(".")) and key not in mine:
+            out.append(f"{key}={source}")
+    return out
 
 
 # hydra.* keys a recipe may set: nothing that names code (callbacks, launchers, sweepers, logging

@@ -344,6 +344,9 @@ def build_rows(nodes: list[dict], heldout: list[dict] | None = None, inputs: Inp
         }
         if h is not None:
             row["heldout"] = h
+        calibration = (n["meta"] or {}).get("calibration")
+        if isinstance(calibration, dict) and calibration.get("source"):
+            row["calibration"] = calibration  # what prune / fp8_static statistics were fitted on
         rows.append(row)
     return rows, ref
 
@@ -422,6 +425,17 @@ def data_sentence(report: dict) -> str:
     )
 
 
+def calibration_note(calibration: dict | None) -> str:
+    """`; calibrated on ...` for an artifact's report.md line: the source, why it was chosen, the tokens and the text's hash."""
+    if not calibration:
+        return ""
+    why = {"recorded": "the task data in its lineage", "fallback": "general corpus: no task data recorded",
+           "given": "named in its config"}.get(calibration.get("origin"), "named in its config")
+    size = f"{calibration.get('rows')} x {calibration.get('seq_len')} = {calibration.get('tokens'):,} tokens" if calibration.get("tokens") else ""
+    digest = f", text sha256 {calibration['text_sha256'][:12]}" if calibration.get("text_sha256") else ""
+    return f"; calibrated on `{calibration['source']}` ({why}; {size}{digest})"
+
+
 def markdown(report: dict) -> str:
     rows, cols = report["rows"], [tuple(c) for c in report["columns"]]
     ref = rows[report["reference"]]
@@ -439,7 +453,8 @@ def markdown(report: dict) -> str:
     for r in rows:
         lines.append("| " + " | ".join([r["name"], r["stage"], *(cell(r, k) for k, _ in cols)]) + " |")
     lines.append("")
-    lines += [f"- **{r['name']}**: `{r['path']}`" + (f" (from {', '.join(r['parents'])})" if r["parents"] else "") for r in rows]
+    lines += [f"- **{r['name']}**: `{r['path']}`" + (f" (from {', '.join(r['parents'])})" if r["parents"] else "")
+              + calibration_note(r.get("calibration")) for r in rows]
     reused = sum(bool((r.get("heldout") or {}).get("reused")) for r in rows)
     if reused:
         lines += ["", f"Held-out numbers of {reused} artifact(s) were measured before on the same files and data, and reused."]

@@ -427,7 +427,7 @@ class QuantConfig:
 class QuantCalibrationConfig:
     """Calibration text for static activation scales (fp8_static only): N sequences of L tokens."""
 
-    source: str = "shakespeare"  # data source; its validation split is used (a corpus' calibration split)
+    source: str = "auto"  # auto: the task data in the source artifact's slm.json (else the kjv corpus, with a warning) | a task, corpus, .txt/.jsonl/... file or folder: a task's validation split, a corpus' calibration split, all of a file
     samples: PositiveInt = 32  # N: sequences fed through the model
     seq_len: PositiveInt = 512  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
     batch_size: PositiveInt = 4  # sequences per forward pass
@@ -442,7 +442,7 @@ class QuantCalibrationConfig:
 class QuantEvalConfig:
     """Perplexity of the source and of the FP8 checkpoint on the same held-out text."""
 
-    source: Optional[str] = "shakespeare"  # data source whose test split is scored; null = skip the perplexity check
+    source: Optional[str] = "auto"  # data source whose test split is scored; auto: the task data in the source artifact's slm.json (else kjv, with a warning); null = skip the perplexity check
     max_tokens: Annotated[int, Range(ge=2)] = 4096  # score the first N tokens of the test split
     window: Annotated[int, Range(ge=2)] = 512  # tokens the model sees at once (sliding window)
     stride: PositiveInt = 256  # tokens the window advances; each token is scored once with >= window - stride of context
@@ -641,9 +641,9 @@ class PruneSettings:
 
 @dataclass
 class PruneCalibrationConfig:
-    """Calibration text for `slm prune`: the first samples*seq_len tokens of a source's validation split."""
+    """Calibration text for `slm prune`: the first samples*seq_len tokens of a source's calibration text."""
 
-    source: str = "shakespeare"  # data source; its validation split is used (a corpus' calibration split)
+    source: str = "auto"  # auto: the task data in the source artifact's slm.json (else the kjv corpus, with a warning) | a task, corpus, .txt/.jsonl/... file or folder: a task's validation split, a corpus' calibration split, all of a file
     samples: PositiveInt = 64  # N: sequences
     seq_len: PositiveInt = 256  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
     batch_size: PositiveInt = 8  # sequences per forward pass

@@ -10,9 +10,10 @@ The MLP width is given by exactly one of `prune.keep_ffn` (a fraction of interme
 `prune.keep_ffn_count` (neurons per layer) or `prune.target_params` (a total size: the largest
 width that fits after the head and layer settings, rounded down to `prune.round_to`).
 Calibration uses the first `calibration.samples * calibration.seq_len` tokens of the
-`calibration.source` validation split (a corpus' calibration split). Perplexity is the
-sliding-window one of slm_cli/evaluate/perplexity.py on the first `eval.max_tokens` tokens of the
-`eval.source` test split.
+`calibration.source` text (slm_cli/data/text.py calibration_text; fewer rows, with a warning, when it
+is shorter). Perplexity is the sliding-window one of slm_cli/evaluate/perplexity.py on the first
+`eval.max_tokens` tokens of the `eval.source` test split. Both default to `auto`: the task data
+recorded in the source's slm.json (or its nearest ancestor's), else the kjv corpus with a warning.
 Statistics, solver and refit compute in `model.dtype` (float32 by default); the checkpoint is saved
 in the source's own dtype (its config.json `dtype`, else the dtype of its safetensors weights), and
 both perplexities read weights as stored (the source's, the saved checkpoint's) computed in
@@ -113,10 +114,15 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from slm_cli import artifacts, models, ui
-    from slm_cli.data.text import calibration_rows, split_text
+    from slm_cli.data.text import (
+        calibration_record, calibration_rows, calibration_text, fallback_warning, resolve_source, split_text,
+    )
     from slm_cli.errors import SlmError
     from slm_cli.evaluate.perplexity import perplexity
     from slm_cli.prune import count_params_after, prune_model
+
+    def warn(line: str) -> None:
+        ui.console.print(f"[bold yellow]warning:[/bold yellow] {line}", highlight=False)
 
     # --- setup -------------------------------------------------------------------------------
     hf_logging.set_verbosity_error()
@@ -134,13 +140,22 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     if note:
         ui.console.print(f"[bold]{note}[/bold]", highlight=False)
     predicted = count_params_after(config, plan)
+    # `auto`: the task data the source artifact (or its nearest ancestor) was trained on, else a general
+    # corpus with a warning: calibrating off the task throws much of the quality away
+    calib_from = resolve_source(cfg.calibration.source, source)
+    eval_from = resolve_source(cfg.eval.source, source) if cfg.eval.source else None
+    for field, chosen in (("calibration.source", calib_from), ("eval.source", eval_from)):
+        if chosen is not None and chosen.origin == "fallback":
+            warn(fallback_warning(field, source))
+        elif chosen is not None and chosen.origin == "recorded":
+            ui.console.print(f"{field}=auto -> {chosen.source} (the task data in {chosen.recorded_in}/slm.json)", highlight=False)
+    calib_text = calibration_text(calib_from.source, cfg.seed)
     calib = calibration_rows(
-        split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer, cfg.calibration.samples,
-        cfg.calibration.seq_len, source=cfg.calibration.source,
+        calib_text, tokenizer, cfg.calibration.samples, cfg.calibration.seq_len, source=calib_from.source, warn=warn,
     )
     batches = list(calib.split(cfg.calibration.batch_size))
     model = models.load_model(str(source), cfg.model.dtype, cfg.model.trust_remote_code, field="model.name_or_path").eval()
-    eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
+    eval_text = split_text(eval_from.source, "test", cfg.seed, eval_from.val_fraction) if eval_from else None
 
     def score(m, what: str) -> dict:
         with ui.progress(f"perplexity of {what}", unit="windows") as bar:
@@ -207,13 +222,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         })
         if not math.isfinite(metrics["perplexity_pruned"]):
             ui.console.print("[bold yellow]warning:[/bold yellow] the pruned model's perplexity is not finite")
-    calibration = {
-        "source": cfg.calibration.source,
-        "split": "validation",
-        "rows": int(calib.shape[0]),
-        "seq_len": int(calib.shape[1]),
-        "tokens": int(calib.numel()),
-    }
+    calibration = {**calibration_record(calib_from, calib_text, calib), "eval_source": eval_from.source if eval_from else None}
     artifacts.write_metadata(
         out, stage="prune", config=resolved, parents=[artifacts.parent("source", source)], metrics=metrics,
         extra={

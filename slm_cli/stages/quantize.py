@@ -65,7 +65,9 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     import torch
 
     from slm_cli import artifacts, models, ui
-    from slm_cli.data.text import calibration_rows, split_text
+    from slm_cli.data.text import (
+        calibration_record, calibration_rows, calibration_text, fallback_warning, resolve_source, split_text,
+    )
     from slm_cli.evaluate.perplexity import perplexity
     from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
     from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
@@ -83,14 +85,28 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     check_fp8_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True)
     for warning in artifacts.lineage_warnings(source):
         ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
-    calib = None
-    if cfg.quant.scheme == "fp8_static":
+    def warn(line: str) -> None:
+        ui.console.print(f"[bold yellow]warning:[/bold yellow] {line}", highlight=False)
+
+    # `auto`: the task data the source artifact (or its nearest ancestor) was trained on, else a general
+    # corpus with a warning; only fp8_static reads calibration text
+    static = cfg.quant.scheme == "fp8_static"
+    calib_from = resolve_source(cfg.calibration.source, source) if static else None
+    eval_from = resolve_source(cfg.eval.source, source) if cfg.eval.source else None
+    for field, chosen in (("calibration.source", calib_from), ("eval.source", eval_from)):
+        if chosen is not None and chosen.origin == "fallback":
+            warn(fallback_warning(field, source))
+        elif chosen is not None and chosen.origin == "recorded":
+            ui.console.print(f"{field}=auto -> {chosen.source} (the task data in {chosen.recorded_in}/slm.json)", highlight=False)
+    calib, calibration = None, None
+    if static:
+        calib_text = calibration_text(calib_from.source, cfg.seed)
         rows = calibration_rows(
-            split_text(cfg.calibration.source, "validation", cfg.seed), tokenizer,
-            cfg.calibration.samples, cfg.calibration.seq_len, source=cfg.calibration.source,
+            calib_text, tokenizer, cfg.calibration.samples, cfg.calibration.seq_len, source=calib_from.source, warn=warn,
         )
+        calibration = calibration_record(calib_from, calib_text, rows)
         calib = list(rows.split(cfg.calibration.batch_size))
-    eval_text = split_text(cfg.eval.source, "test", cfg.seed) if cfg.eval.source else None
+    eval_text = split_text(eval_from.source, "test", cfg.seed, eval_from.val_fraction) if eval_from else None
 
     def score(m, what: str) -> dict:
         with ui.progress(f"perplexity of {what}", unit="windows") as bar:
@@ -183,7 +199,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         )
     artifacts.write_metadata(
         out, stage="quantize", config=resolved, parents=[artifacts.parent("source", source)], metrics=metrics,
-        extra={"trust_remote_code": cfg.model.trust_remote_code},
+        extra={"trust_remote_code": cfg.model.trust_remote_code,
+               **({"calibration": {**calibration, "eval_source": eval_from.source if eval_from else None}} if calibration else {})},
     )
     final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
     ui.console.print(ui.kv_table(f"quantize artifact: {final}", ui.metric_rows(metrics)))

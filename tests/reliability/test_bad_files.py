@@ -315,16 +315,17 @@ CASES = {
         [*HF[:1], *TEACHER, *data(t, "rows.jsonl", jsonl_text(PC * 4)), "data.val_fraction=0"],
         ["the validation split is empty", "data.val_fraction > 0"],
     ),
-    "fewer calibration rows than asked: prune": lambda t, m: (
-        ["prune", f"model.name_or_path={m['good']}", *PRUNE_ANY, f"calibration.source={write(t / 'calib.jsonl', jsonl_text(PC * 10))}",
-         "calibration.samples=64"],
-        [f"calibration.source={t}/calib.jsonl gives", "row(s) of calibration.seq_len=64, fewer than calibration.samples=64 asked",
-         "or choose a larger calibration.source"],
+    # fewer rows than calibration.samples is a warning (tests/stages/test_calibration.py); no full row is an error
+    "not one calibration row: prune": lambda t, m: (
+        ["prune", f"model.name_or_path={m['good']}", "calibration.samples=4", "eval.source=null", "prune.keep_ffn=0.5",
+         f"calibration.source={write(t / 'calib.jsonl', jsonl_text(PC))}", "calibration.seq_len=100000"],
+        [f"calibration.source={t}/calib.jsonl gives", "less than one row of calibration.seq_len=100000",
+         "lower calibration.seq_len, or choose a larger calibration.source"],
     ),
-    "fewer calibration rows than asked: quantize fp8_static": lambda t, m: (
+    "not one calibration row: quantize fp8_static": lambda t, m: (
         ["quantize", f"model.name_or_path={m['good']}", "quant=fp8_static", *QUANT, "calibration.source=arithmetic",
-         "calibration.seq_len=64", "calibration.samples=4096"],
-        ["calibration.source=arithmetic gives", "fewer than calibration.samples=4096 asked"],
+         "calibration.seq_len=1000000", "calibration.samples=4"],
+        ["calibration.source=arithmetic gives", "less than one row of calibration.seq_len=1000000"],
     ),
 }
 

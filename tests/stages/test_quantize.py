@@ -20,7 +20,9 @@ from tests.stages.helpers import meta
 
 # hidden 128 so q/o/gate/up/down divide into 128x128 tiles; k/v are (64, 128) and do not
 BLOCK_IGNORE = "quant.ignore=[lm_head,'re:.*\\.(k_proj|v_proj)$']"
-FAST = ["eval.max_tokens=384", "eval.window=128", "eval.stride=64", "calibration.samples=4", "calibration.seq_len=64"]
+# the source records no task data: name the text, so these tests measure FP8, not the fallback
+FAST = ["calibration.source=shakespeare", "eval.source=shakespeare", "eval.max_tokens=384", "eval.window=128",
+        "eval.stride=64", "calibration.samples=4", "calibration.seq_len=64"]
 SCALE_SHAPES = {"fp8_dynamic": (128, 1), "fp8_weight_only": (128, 1), "fp8_static": (1,), "fp8_block": (1, 1)}
 # compressed-tensors picks the format: weight-only FP8 has no activation scheme, so it is "naive-quantized"
 FORMAT = {"fp8_dynamic": "float-quantized", "fp8_static": "float-quantized", "fp8_weight_only": "naive-quantized",
