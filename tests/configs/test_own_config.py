@@ -176,7 +176,8 @@ def test_run_cfg_job_imports_nothing_heavy(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
-    assert "#   fp8: slm quantize quant=fp8_dynamic" in proc.stdout
+    # the recipe's data: block comes first, then the stage's own overrides
+    assert "#   fp8: slm quantize calibration.source=arithmetic eval.source=arithmetic quant=fp8_dynamic" in proc.stdout
 
 
 def test_overview_names_cp_and_config(capsys):
