@@ -175,3 +175,17 @@ def test_fewer_rows_than_asked_warns_and_uses_them(slm, tmp_path, tokenizer, cap
     assert (f"{available} row(s) of calibration.seq_len=32, {64 - available} fewer than calibration.samples=64 asked; "
             f"calibrating on {available} row(s)") in printed
     assert meta(out)["calibration"]["rows"] == meta(out)["metrics"]["calibration_rows"] == available
+
+
+def test_quantize_alone_calibrates_and_measures_on_the_recorded_task_data(slm, tmp_path, tokenizer, capsys):
+    src = tiny_model(tmp_path / "student", tokenizer)
+    artifacts.write_metadata(src, stage="student", config={"data": {"source": "arithmetic"}}, parents=[], metrics={})
+    out = tmp_path / "fp8"
+    assert slm("quantize", f"model.name_or_path={src}", "quant=fp8_static", "calibration.samples=2", "calibration.seq_len=32",
+               "calibration.batch_size=2", "eval.max_tokens=128", "eval.window=32", "eval.stride=16", f"output_dir={out}") == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "calibration.source=auto -> arithmetic" in printed and "eval.source=auto -> arithmetic" in printed
+    m = meta(out)
+    assert (m["calibration"]["source"], m["calibration"]["origin"], m["calibration"]["eval_source"]) == ("arithmetic", "recorded", "arithmetic")
+    assert m["calibration"]["text_sha256"] == text_fingerprint(split_text("arithmetic", "validation", 0))
+    assert m["calibration"]["tokens"] == 64 and m["metrics"]["eval_tokens"] == 127
