@@ -59,6 +59,20 @@ def fallback_warning(field: str, model_folder: str | Path) -> str:
     )
 
 
+def resolve_sources(values: dict[str, str | None], model_folder: str | Path, *, warn, say) -> list[TextSource | None]:
+    """`resolve_source` for each field of `values` (`calibration.source`, `eval.source`; None: the stage does
+    not read it), telling the user what `auto` chose: `say` names the recorded task data, `warn` the fallback."""
+    chosen = []
+    for field, value in values.items():
+        source = resolve_source(value, model_folder) if value is not None else None
+        if source is not None and source.origin == "fallback":
+            warn(fallback_warning(field, model_folder))
+        elif source is not None and source.origin == "recorded":
+            say(f"{field}=auto -> {source.source} (the task data in {source.recorded_in}/slm.json)")
+        chosen.append(source)
+    return chosen
+
+
 def split_text(source: str, split: str, seed: int, val_fraction: float = VAL_FRACTION) -> str:
     """The whole text of one split ("validation" or "test") of a data source.
 

@@ -66,7 +66,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
 
     from slm_cli import artifacts, models, ui
     from slm_cli.data.text import (
-        calibration_record, calibration_rows, calibration_text, fallback_warning, resolve_source, split_text,
+        calibration_record, calibration_rows, calibration_text, resolve_sources, split_text,
     )
     from slm_cli.evaluate.perplexity import perplexity
     from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
@@ -91,13 +91,10 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     # `auto`: the task data the source artifact (or its nearest ancestor) was trained on, else a general
     # corpus with a warning; only fp8_static reads calibration text
     static = cfg.quant.scheme == "fp8_static"
-    calib_from = resolve_source(cfg.calibration.source, source) if static else None
-    eval_from = resolve_source(cfg.eval.source, source) if cfg.eval.source else None
-    for field, chosen in (("calibration.source", calib_from), ("eval.source", eval_from)):
-        if chosen is not None and chosen.origin == "fallback":
-            warn(fallback_warning(field, source))
-        elif chosen is not None and chosen.origin == "recorded":
-            ui.console.print(f"{field}=auto -> {chosen.source} (the task data in {chosen.recorded_in}/slm.json)", highlight=False)
+    calib_from, eval_from = resolve_sources(
+        {"calibration.source": cfg.calibration.source if static else None, "eval.source": cfg.eval.source or None},
+        source, warn=warn, say=lambda line: ui.console.print(line, highlight=False),
+    )
     calib, calibration = None, None
     if static:
         calib_text = calibration_text(calib_from.source, cfg.seed)
