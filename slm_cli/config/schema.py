@@ -146,7 +146,8 @@ class TrainConfig:
     """The optimisation loop shared by teacher, student and distill."""
 
     max_steps: PositiveInt = 100  # optimizer steps
-    micro_batch_size: PositiveInt = 8  # sequences per forward pass per process
+    micro_batch_size: Annotated[Union[int, str], Range(ge=1)] = 8  # sequences per forward pass per process, or auto: the largest that fits train.memory_budget_gb (measured)
+    memory_budget_gb: Annotated[Optional[float], Range(gt=0)] = None  # peak resident memory a training process may use, in GB (1e9 bytes); measured and enforced by slm (null = no budget)
     grad_accum: PositiveInt = 1  # micro-batches accumulated per optimizer step
     lr: Annotated[float, Range(gt=0)] = 1e-3  # peak learning rate
     weight_decay: Annotated[float, Range(ge=0)] = 0.0  # AdamW weight decay
@@ -180,6 +181,17 @@ class TrainConfig:
         from slm_cli.engine.trackers import problems as tracker_problems  # standard library only
 
         out += tracker_problems(self.report_to, where)
+        _problems_if(
+            isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto",
+            f"{where}.micro_batch_size={self.micro_batch_size!r}: give a number >= 1, or auto (with {where}.memory_budget_gb)",
+            out,
+        )
+        _problems_if(
+            self.micro_batch_size == "auto" and self.memory_budget_gb is None,
+            f"{where}.micro_batch_size=auto picks the largest micro-batch that fits a memory budget, and none is set: "
+            f"add {where}.memory_budget_gb=<GB>, or give {where}.micro_batch_size a number",
+            out,
+        )
         out += self.lora.problems(f"{where}.lora")
         return out
 

@@ -272,6 +272,11 @@ def train(
     tokens_seen, last = int(carried.get("tokens", 0)), {}
     val_loss = float("nan")
     skipped_steps = int(carried.get("skipped_steps", 0))
+    budget = getattr(tcfg, "memory_budget_gb", None)
+    if budget is not None:
+        from slm_cli.engine import memory
+
+        memory.reset_peak()  # the budget is for training: loading (a float32 checkpoint cast to bf16, say) is not counted
     try:
         for step in range(start_step, tcfg.max_steps):
             t0 = time.perf_counter()
@@ -344,6 +349,10 @@ def train(
                 if "val_loss" in last:
                     shown["val_loss"] = f"{last['val_loss']:.4f}"
                 progress.update(task, advance=1, **shown)
+            if budget is not None:
+                peak = memory.peak_gb()
+                if peak is not None and peak > budget:
+                    raise SlmError(memory.over_budget_message(peak, budget, step + 1, tcfg.micro_batch_size))
             if nonfinite and tcfg.nonfinite == "stop":
                 raise SlmError(_nonfinite_message(step + 1, step_loss, grad_norm, tcfg, ckpt_dir))
             # a signal test interrupts training here, at a known step, however fast the steps run
@@ -403,6 +412,8 @@ def train(
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
         "skipped_steps": skipped_steps,
     }
+    if budget is not None:
+        metrics["peak_memory_gb"] = memory.peak_gb()
     return LoopResult(engine=engine, steps=tcfg.max_steps, metrics=metrics, history=history)
 
 

@@ -83,13 +83,35 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     if cfg.train.lora.enabled:
         model = models.apply_lora(model, cfg.train.lora)
     train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
-    check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
-    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     # ZeRO-3 shards the student; it samples through a whole copy taken before partitioning
     student_copy = None
     if cfg.deepspeed.zero_stage == 3 and cfg.distill.mode in ("on_policy", "mixed"):
         student_copy = GenerationCopy(model)
+    memory_fit = None
+    if cfg.train.memory_budget_gb is not None:  # measure the micro-batch that fits (micro_batch_size=auto) or check the one given
+        from slm_cli.engine import memory
+
+        def probe(tcfg) -> float:
+            # In a forked child: the student's engine, the teacher and its forwards, sampling included. With
+            # teacher.logits=precompute this is an upper bound: the run itself drops the teacher for its cache.
+            engine, ds_config = loop.initialize(model, tcfg, cfg.deepspeed)
+            frozen = teacher.to(engine.device)
+            if cfg.deepspeed.zero_stage == 3:
+                frozen = loop.partition_frozen(frozen, ds_config)
+            objective = KDObjective(frozen, cfg.distill, vocab_size, fused=cfg.distill.fused_loss)
+            prepare = make_prepare(
+                cfg.distill.mode, cfg.distill, student_engine=engine, teacher=frozen, pad_id=tokenizer.pad_token_id,
+                eos_id=tokenizer.eos_token_id, seed=cfg.seed, student_copy=student_copy, teacher_synced=False,
+            )
+            return memory.probe_steps(engine, train_set=train_set, collate=batch_fn, tcfg=tcfg, seed=cfg.seed,
+                                      loss_fn=objective, prepare=prepare)
+
+        memory_fit = memory.fit_micro_batch(cfg.train, probe, train_examples=len(train_set), world_size=dist.world_size())
+        cfg.train.micro_batch_size = memory_fit.micro_batch_size
+        ui.console.print(memory.table(memory_fit))
+    check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
+    val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     teacher.to(engine.device)
     teacher_metrics = {}
@@ -139,7 +161,8 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
             parents.append(artifacts.parent("student", cfg.model.name_or_path))
         metrics = publish_trained(
             engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
-            stage="distill", metrics={**result.metrics, **teacher_metrics, "data": asdict(train_stats)}, parents=parents, extra={"mode": cfg.distill.mode},
+            stage="distill", metrics={**result.metrics, **teacher_metrics, "data": asdict(train_stats)}, parents=parents,
+            extra={"mode": cfg.distill.mode, **({"memory": memory_fit.record()} if memory_fit else {})},
         )
     dist.barrier()
     return metrics

@@ -85,9 +85,20 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
     train_set, train_stats = encode_dataset(splits["train"], tokenizer, cfg.data.max_seq_len)
     if cfg.data.packing:
         train_set = pack_examples(train_set, cfg.data.max_seq_len, train_stats)
+    batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    memory_fit = None
+    if cfg.train.memory_budget_gb is not None:  # measure the micro-batch that fits (micro_batch_size=auto) or check the one given
+        from slm_cli.engine import memory
+
+        def probe(tcfg) -> float:  # runs in a forked child: the real engine, a few steps
+            engine, _ = loop.initialize(model, tcfg, cfg.deepspeed)
+            return memory.probe_steps(engine, train_set=train_set, collate=batch_fn, tcfg=tcfg, seed=cfg.seed)
+
+        memory_fit = memory.fit_micro_batch(cfg.train, probe, train_examples=len(train_set), world_size=dist.world_size())
+        cfg.train.micro_batch_size = memory_fit.micro_batch_size
+        ui.console.print(memory.table(memory_fit))
     check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
     val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
-    batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
     if dist.is_main():
         artifacts.begin(cfg.output_dir, cfg.overwrite)
@@ -118,7 +129,8 @@ def run(cfg: StudentStageConfig, resolved: dict) -> dict:
             parents.append(artifacts.parent("base_model", resolve_model_path(cfg.model.name_or_path)))
         metrics = publish_trained(
             engine, state_dict, cfg=cfg, resolved=resolved, tokenizer=tokenizer, ds_config=ds_config,
-            stage="student", metrics={**result.metrics, "data": asdict(train_stats)}, parents=parents, extra={"init": cfg.student.init},
+            stage="student", metrics={**result.metrics, "data": asdict(train_stats)}, parents=parents,
+            extra={"init": cfg.student.init, **({"memory": memory_fit.record()} if memory_fit else {})},
         )
     dist.barrier()
     return metrics
