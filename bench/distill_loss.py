@@ -3,6 +3,15 @@
     .venv/bin/python bench/distill_loss.py                      # 4096 tokens, hidden 512, vocab 32000
     .venv/bin/python bench/distill_loss.py --chunks 256 512 1024 --compile
     .venv/bin/python bench/distill_loss.py --profile 256    # where the chunked loss's time goes
+    .venv/bin/python bench/distill_loss.py --dtype bfloat16 --chunks 256 1024   # bf16 GEMMs, fp32 softmax
+
+Each run also times the "GEMM floor": the four lm_head GEMMs every implementation must do
+(student logits, teacher logits, gradient of the student's hidden states and of its lm_head
+weight), at full size in the same dtype and nothing else. No loss can run faster than that, so
+"vs floor" says how much the loss's own work adds. With ``--dtype bfloat16`` the hidden states and
+weights are bf16 (as in a bf16 DeepSpeed run): the GEMMs run in bf16, the softmax and divergence in
+float32; the loss and the weight gradient are compared with a float32 naive reference on the same
+(bf16-rounded) inputs, so the error column is what bf16 GEMMs cost.
 
 Each variant runs in its own subprocess so its peak memory can be read on CPU, where
 torch's allocator is invisible to tracemalloc: the worker allocates the inputs, reads
@@ -28,17 +37,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _inputs(args):
+def _inputs(args, dtype: str | None = None):
     import torch
 
     torch.manual_seed(0)
+    dt = getattr(torch, dtype or getattr(args, "dtype", "float32"))
     n, h, v = args.tokens, args.hidden, args.vocab
-    student_hidden = (torch.randn(n, h) / h**0.5).requires_grad_()
-    student_weight = torch.randn(v, h).requires_grad_()
-    teacher_hidden = torch.randn(n, h) / h**0.5
-    teacher_weight = torch.randn(v, h)
+    student_hidden = (torch.randn(n, h) / h**0.5).to(dt).requires_grad_()
+    student_weight = torch.randn(v, h).to(dt).requires_grad_()
+    teacher_hidden = (torch.randn(n, h) / h**0.5).to(dt)
+    teacher_weight = torch.randn(v, h).to(dt)
     labels = torch.randint(0, v, (n,))
     return student_hidden, student_weight, teacher_hidden, teacher_weight, labels
+
+
+def _reference(args, inputs) -> tuple[float, "torch.Tensor"]:
+    """float32 naive loss and lm_head weight gradient on the same (possibly bf16-rounded) inputs."""
+    import torch
+
+    from slm_cli.distill.losses import distillation_loss
+
+    sh, sw, th, tw, labels = (x.detach().float() if x.is_floating_point() else x for x in inputs)
+    sw.requires_grad_()
+    loss, _ = distillation_loss(sh @ sw.t(), th @ tw.t(), labels, divergence=args.divergence, beta=args.beta, kd_weight=args.kd_weight)
+    loss.backward()
+    return float(loss), sw.grad
 
 
 def _worker(args) -> None:
@@ -52,6 +75,13 @@ def _worker(args) -> None:
     def step(student_hidden, student_weight, teacher_hidden, teacher_weight, labels) -> float:
         student_hidden.grad = None
         student_weight.grad = None
+        if args.variant == "floor":  # the four GEMMs alone: logits of both models, grads of hidden and weight
+            with torch.no_grad():
+                grad_logits = student_hidden @ student_weight.t()
+                teacher_hidden @ teacher_weight.t()
+                grad_logits @ student_weight
+                grad_logits.t() @ student_hidden
+            return 0.0
         if args.variant == "naive":
             student_logits = student_hidden @ student_weight.t()
             with torch.no_grad():
@@ -83,7 +113,12 @@ def _worker(args) -> None:
         step(*inputs)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    grad_norm = float(inputs[1].grad.norm())
+    grad_norm = float(inputs[1].grad.norm()) if inputs[1].grad is not None else 0.0
+    error = {}
+    if args.variant != "floor":
+        ref_loss, ref_grad = _reference(args, inputs)
+        grad = inputs[1].grad.float()
+        error = {"ref_loss": ref_loss, "rel_grad_error": float((grad - ref_grad).norm() / ref_grad.norm())}
     print(
         json.dumps(
             {
@@ -94,6 +129,7 @@ def _worker(args) -> None:
                 "median_cpu_s": statistics.median(cpu_times),
                 "loss": loss,
                 "grad_norm": grad_norm,
+                **error,
             }
         )
     )
@@ -130,6 +166,7 @@ def _run_variant(args, variant: str, chunk_size: int = 0, compile: bool = False)
         "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
         "--repeats", str(args.repeats), "--divergence", args.divergence,
         "--beta", str(args.beta), "--kd-weight", str(args.kd_weight), "--chunk-size", str(chunk_size),
+        "--dtype", args.dtype,
     ] + (["--compile"] if compile else [])  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -147,10 +184,11 @@ def main() -> None:
     parser.add_argument("--divergence", default="generalized_jsd")
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--kd-weight", type=float, default=0.9)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of hidden states and lm_head weights (GEMMs run in it)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[256, 1024], help="chunk sizes to sweep")
     parser.add_argument("--compile", action="store_true", help="also run the chunked loss with compile=True")
     parser.add_argument("--profile", type=int, metavar="CHUNK", help="profile one chunked fwd+bwd by op instead")
-    parser.add_argument("--worker", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["naive", "chunked", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--chunk-size", type=int, default=1024, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -167,9 +205,10 @@ def main() -> None:
     console = Console()
     console.print(
         f"[bold]distillation loss, fwd+bwd[/bold]: {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, "
-        f"fp32 CPU, {args.divergence} beta={args.beta}, kd_weight={args.kd_weight}, median of {args.repeats} "
+        f"{args.dtype} CPU, {args.divergence} beta={args.beta}, kd_weight={args.kd_weight}, median of {args.repeats} "
         f"after a warm-up, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
     )
+    floor = _run_variant(args, "floor")
     rows = [("naive (full logits)", 0, False, _run_variant(args, "naive"))]
     for chunk in args.chunks:
         rows.append((f"chunked {chunk}", chunk, False, _run_variant(args, "chunked", chunk)))
@@ -178,21 +217,27 @@ def main() -> None:
 
     naive = rows[0][3]
     table = Table(title="naive vs chunked fused-linear distillation loss")
-    for column in ("variant", "median s", "cpu s", "first run s", "tiny warm-up s", "speed-up", "peak extra GB", "memory ratio", "|Δloss|"):
+    for column in ("variant", "median s", "cpu s", "vs GEMM floor", "first run s", "tiny warm-up s", "speed-up", "peak extra GB", "memory ratio", "|Δloss| vs fp32", "grad rel. err"):
         table.add_column(column, justify="right" if column != "variant" else "left")
     for name, _, _, result in rows:
         table.add_row(
             name,
             f"{result['median_s']:.2f}",
             f"{result['median_cpu_s']:.2f}",
+            f"{result['median_cpu_s'] / floor['median_cpu_s']:.2f}x",
             f"{result['first_s']:.2f}",
             f"{result['warmup_s']:.1f}",
             f"{naive['median_s'] / result['median_s']:.1f}x",
             f"{result['peak_extra_gb']:.3f}",
             f"{naive['peak_extra_gb'] / max(result['peak_extra_gb'], 1e-9):.0f}x less",
-            f"{abs(result['loss'] - naive['loss']):.1e}",
+            f"{abs(result['loss'] - result['ref_loss']):.1e}",
+            f"{result['rel_grad_error']:.1e}",
         )
     console.print(table)
+    console.print(
+        f"GEMM floor (the four lm_head GEMMs alone, {args.dtype}): {floor['median_s']:.2f} s wall, "
+        f"{floor['median_cpu_s']:.2f} s cpu; 'vs GEMM floor' compares CPU times, the steadier figure on a shared machine."
+    )
 
 
 if __name__ == "__main__":
