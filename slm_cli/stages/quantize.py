@@ -72,6 +72,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
     from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
     from slm_cli.quant.report import checkpoint_size_report, fake_quant_model, weight_error_report
+    from slm_cli.quant.select import parse_keep_sensitive, select_sensitive
     from transformers.utils import logging as hf_logging
 
     # --- setup -------------------------------------------------------------------------------
@@ -83,26 +84,28 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     model = models.load_model(str(source), cfg.model.dtype, cfg.model.trust_remote_code, field="model.name_or_path").eval()
     # a request that cannot succeed (ignore typo, block shapes) fails before any slow work
     check_fp8_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True)
+    keep = parse_keep_sensitive(cfg.quant.keep_sensitive)
     for warning in artifacts.lineage_warnings(source):
         ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
     def warn(line: str) -> None:
         ui.console.print(f"[bold yellow]warning:[/bold yellow] {line}", highlight=False)
 
     # `auto`: the task data the source artifact (or its nearest ancestor) was trained on, else a general
-    # corpus with a warning; only fp8_static reads calibration text
+    # corpus with a warning; fp8_static (activation scales) and quant.keep_sensitive (which tensors stay
+    # bf16) read calibration text
     static = cfg.quant.scheme == "fp8_static"
     calib_from, eval_from = resolve_sources(
-        {"calibration.source": cfg.calibration.source if static else None, "eval.source": cfg.eval.source or None},
+        {"calibration.source": cfg.calibration.source if static or keep else None, "eval.source": cfg.eval.source or None},
         source, warn=warn, say=lambda line: ui.console.print(line, highlight=False),
     )
-    calib, calibration = None, None
-    if static:
+    calib, calibration, rows = None, None, None
+    if static or keep:
         calib_text = calibration_text(calib_from.source, cfg.seed)
         rows = calibration_rows(
             calib_text, tokenizer, cfg.calibration.samples, cfg.calibration.seq_len, source=calib_from.source, warn=warn,
         )
         calibration = calibration_record(calib_from, calib_text, rows)
-        calib = list(rows.split(cfg.calibration.batch_size))
+        calib = list(rows.split(cfg.calibration.batch_size)) if static else None
     eval_text = split_text(eval_from.source, "test", cfg.seed, eval_from.val_fraction) if eval_from else None
 
     def score(m, what: str) -> dict:
@@ -114,16 +117,42 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
 
     # --- run ---------------------------------------------------------------------------------
     ppl_source = score(model, "the source") if eval_text else None
+    ignore = list(cfg.quant.ignore)
+    selection = None
+    if keep:
+        # which Linear tensors stay bf16: per-tensor sensitivity, then joint checks on the calibration rows
+        with ui.progress("choosing the tensors kept in bf16", unit="steps") as bar:
+            selection = select_sensitive(
+                model, cfg.quant.scheme, ignore, rows, keep=keep, max_ppl_increase=cfg.quant.max_ppl_increase,
+                max_keep_fraction=cfg.quant.max_keep_fraction, sensitivity_tokens=cfg.quant.sensitivity_tokens,
+                calib_batches=calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype),
+                batch_size=cfg.calibration.batch_size, progress=lambda what, d, t: bar.callback(d, t),
+            )
+        ignore += selection["kept"]
+        ui.console.print(
+            f"kept in bf16: {len(selection['kept'])} tensor(s), {selection['kept_params']:,} of "
+            f"{selection['quantizable_params']:,} quantizable weights; perplexity increase on the calibration rows "
+            f"{100 * selection['ppl_increase']:+.3f}% (budget +{100 * cfg.quant.max_ppl_increase:g}%); "
+            f"{selection['seconds']:.0f} s, of which {selection['sensitivity_seconds']:.0f} s per-tensor sensitivity",
+            highlight=False,
+        )
+        if selection["met"] is False:
+            warn(
+                f"quant.max_ppl_increase={cfg.quant.max_ppl_increase} is NOT met: keeping the most sensitive tensors "
+                f"up to the byte cap quant.max_keep_fraction={cfg.quant.max_keep_fraction} still costs "
+                f"{100 * selection['ppl_increase']:+.3f}% perplexity on the calibration rows. Raise "
+                "quant.max_keep_fraction or quant.max_ppl_increase, or use quant.scheme=fp8_weight_only"
+            )
     ppl_fp8 = None
     if eval_text and cfg.quant.fake_quant_eval:
         fake = fake_quant_model(
-            model, cfg.quant.scheme, cfg.quant.ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype)
+            model, cfg.quant.scheme, ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype)
         )
         ppl_fp8 = score(fake, "the fake-quantized model")
         del fake
     # only a static scheme has slow work to follow (calibration batches); the weight scales take seconds
     with ui.progress(f"quantizing to {cfg.quant.scheme}: activation scales", unit="batches", enabled=calib is not None) as bar:
-        quantize_fp8(model, cfg.quant.scheme, cfg.quant.ignore, calib, progress=bar.callback)
+        quantize_fp8(model, cfg.quant.scheme, ignore, calib, progress=bar.callback)
     out = artifacts.begin(cfg.output_dir, cfg.overwrite)
     save_dtype = models.torch_dtype(cfg.quant.save_dtype)
     save_fp8(model, tokenizer, out, source_dtype=save_dtype)
@@ -137,7 +166,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     ui.console.print(
         ui.records_table(
             f"{cfg.quant.scheme}: {len(layers['quantized'])} Linear layers in FP8, {len(layers['ignored'])} kept "
-            f"(quant.ignore={cfg.quant.ignore})",
+            f"(quant.ignore={cfg.quant.ignore}"
+            + (f" + {len(selection['kept'])} kept by quant.keep_sensitive={cfg.quant.keep_sensitive})" if selection else ")"),
             layer_groups(table),
             ["layer", "count", "status", "shape (out, in)", "weight", "scale"],
         )
@@ -154,7 +184,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     by_name = {r["name"]: r for r in errors}
     report = {
         "scheme": cfg.quant.scheme,
-        "ignore": cfg.quant.ignore,
+        "ignore": ignore,
+        "keep_sensitive": selection,
         "sizes": sizes,
         "layers": [{**r, **by_name.get(r["name"], {})} for r in table],
     }
@@ -170,6 +201,17 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         "calibration_seq_len": cfg.calibration.seq_len if calib is not None else 0,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    if selection is not None:
+        metrics.update(
+            {
+                "kept_bf16": selection["kept"],
+                "kept_bf16_params": selection["kept_params"],
+                "keep_budget_met": selection["met"],
+                "calibration_ppl_increase_pct": 100.0 * selection["ppl_increase"],
+                "max_ppl_increase_pct": 100.0 * cfg.quant.max_ppl_increase,
+                "selection_seconds": selection["seconds"],
+            }
+        )
     if ppl_source is not None:
         metrics.update(
             {
@@ -197,6 +239,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     artifacts.write_metadata(
         out, stage="quantize", config=resolved, parents=[artifacts.parent("source", source)], metrics=metrics,
         extra={"trust_remote_code": cfg.model.trust_remote_code,
+               **({"keep_sensitive": {k: v for k, v in selection.items() if k != "tensors"}
+                   | {"kept_tensors": [r for r in selection["tensors"] if r["kept"]]}} if selection else {}),
                **({"calibration": {**calibration, "eval_source": eval_from.source if eval_from else None}} if calibration else {})},
     )
     final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
