@@ -421,19 +421,9 @@ class QuantConfig:
     save_dtype: str = "bfloat16"  # dtype of every tensor that stays unquantized (embeddings, norms, ignored layers)
     fake_quant_eval: bool = False  # judge quality through an in-memory fake-quantized model instead of reloading the checkpoint
     error_rows: NonNegativeInt = 10  # layers with the largest weight error shown in the terminal (all go to quantization.json)
-    keep_sensitive: Annotated[Union[int, str], Range(ge=0)] = "auto"  # Linear tensors kept in bf16 besides `ignore`: auto (fewest meeting max_ppl_increase on calibration text) | N (the N most sensitive per byte) | none
-    max_ppl_increase: Annotated[float, Range(gt=0)] = 0.01  # keep_sensitive=auto: allowed perplexity increase on the calibration rows, a fraction (0.01 = +1%)
-    max_keep_fraction: Annotated[float, Range(ge=0, le=1)] = 0.03  # byte cap: at most this fraction of the quantizable Linear weights stays bf16
-    sensitivity_tokens: Annotated[int, Range(ge=2)] = 2048  # calibration tokens of the per-tensor sensitivity pass (the joint check uses every calibration row)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
-        keep = str(self.keep_sensitive).strip().lower()
-        _problems_if(
-            not (keep in ("auto", "none") or keep.isdigit() or isinstance(self.keep_sensitive, int)),
-            f"{where}.keep_sensitive={self.keep_sensitive!r}: use auto, a number of tensors N >= 0, or none",
-            out,
-        )
         _problems_if(
             self.scheme not in FP8_SCHEMES, f"{where}.scheme={self.scheme!r}: choose one of {', '.join(FP8_SCHEMES)}", out
         )
@@ -600,6 +590,7 @@ class ReportStageConfig:
 
 PRUNE_METHODS = ("osscar", "activation", "wanda_sp", "magnitude")  # slm_cli/prune/solver.py METHODS
 PRUNE_DEPTH_METHODS = ("block_influence",)  # slm_cli/prune/calibrate.py DEPTH_METHODS
+PRUNE_CORRECTIONS = ("residual", "sublayer", "none")  # slm_cli/prune/calibrate.py CORRECTIONS
 
 
 @dataclass
@@ -624,6 +615,7 @@ class PruneSettings:
     local_search_iters: Annotated[int, Range(ge=0, note="0 = greedy only")] = 16  # osscar: at most this many improving swaps per layer after the greedy (0 = greedy only)
     swap_candidates: PositiveInt = 32  # osscar: pruned groups tried per swap
     greedy_steps: PositiveInt = 64  # osscar: removal steps of the greedy phase (more = closer to one-at-a-time)
+    correction: str = "residual"  # osscar: what each refit reconstructs on the pruned model's inputs: residual (the dense model's residual stream: corrects earlier layers' error) | sublayer (the dense model's o_proj/down_proj output) | none (the layer's own weights)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -633,6 +625,11 @@ class PruneSettings:
         _problems_if(
             self.depth_method not in PRUNE_DEPTH_METHODS,
             f"{where}.depth_method={self.depth_method!r}: choose one of {', '.join(PRUNE_DEPTH_METHODS)}",
+            out,
+        )
+        _problems_if(
+            self.correction not in PRUNE_CORRECTIONS,
+            f"{where}.correction={self.correction!r}: choose one of {', '.join(PRUNE_CORRECTIONS)}",
             out,
         )
         if isinstance(self.keep_ffn, int):
@@ -678,7 +675,11 @@ class PruneCalibrationConfig:
 
 @dataclass
 class PruneEvalConfig(QuantEvalConfig):
-    """Perplexity of the source and of the saved pruned checkpoint on the same held-out text (test split)."""
+    """Perplexity of the source and of the saved pruned checkpoint on the same held-out text (test split),
+    and how often their greedy continuations of prompts from that text repeat themselves."""
+
+    repetition_prompts: NonNegativeInt = 8  # prompts of 64 test tokens, evenly spaced, greedily continued by both models (0 = skip)
+    repetition_tokens: PositiveInt = 128  # new tokens per prompt; the figure is the share of repeated 4-grams among them
 
 
 @dataclass

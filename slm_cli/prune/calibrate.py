@@ -31,13 +31,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .solver import METHODS, InputStats, SolverOptions, group_columns, relative_error
+from .solver import METHODS, REFITTING, InputStats, SolverOptions, group_columns, relative_error
 from .surgery import (
     attention_shape,
     decoder_layers,
@@ -49,6 +48,9 @@ from .surgery import (
 )
 
 log = logging.getLogger(__name__)
+
+CORRECTIONS = ("none", "sublayer", "residual")
+"""What the refit of a pruned o_proj / down_proj reconstructs (``PrunePlan.correction``)."""
 
 Batch = Tensor | Mapping[str, Tensor]
 
@@ -69,6 +71,10 @@ class PrunePlan:
     local_search_iters: OSSCAR swap iterations (0 = greedy only, like fmchisel).
     swap_candidates: pruned groups tried per swap iteration.
     greedy_steps: at most this many Schur downdates in the greedy phase (see SolverOptions).
+    correction: what the refit of o_proj / down_proj reconstructs on the pruned model's inputs X_p
+        (see ``CORRECTIONS`` and the module doc): ``none`` the layer's own dense weights, X_p W;
+        ``sublayer`` the dense model's sublayer output X_d W; ``residual`` the dense model's residual
+        stream after the sublayer. Only methods that refit (osscar) use it.
     """
 
     method: str = "osscar"
@@ -82,10 +88,15 @@ class PrunePlan:
     local_search_iters: int = 16
     swap_candidates: int = 32
     greedy_steps: int = 64
+    correction: str = "residual"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"prune.method={self.method!r} is unknown; choose one of {sorted(METHODS)}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(
+                f"prune.correction={self.correction!r} is unknown; choose one of {sorted(CORRECTIONS)}"
+            )
         if self.depth_method not in DEPTH_METHODS:
             raise ValueError(
                 f"prune.depth_method={self.depth_method!r} is unknown; choose one of {sorted(DEPTH_METHODS)}"
@@ -324,32 +335,107 @@ def _layer_output(out) -> Tensor:
 
 
 @torch.no_grad()
-def layer_input_stats(layer: nn.Module, module: nn.Module, inputs: LayerInputs, index: int) -> InputStats:
-    """``collect_input_stats`` for ``module`` inside ``layer``, run on the cached layer inputs only."""
+def layer_input_stats(layer: nn.Module, module: nn.Module, inputs: LayerInputs, index: int,
+                      target: Callable[[int, Tensor | None], Tensor] | None = None) -> InputStats:
+    """``collect_input_stats`` for ``module`` inside ``layer``, run on the cached layer inputs only.
+
+    target: optional ``target(batch_index, mid)`` -> the (B, T, d_out) output ``module`` should
+    produce on that batch (``mid``: the residual stream after attention in this pass, i.e. the
+    input of post_attention_layernorm, or None before it is reached); then the stats also hold
+    cross = sum x y^T and ||y||^2 (see ``InputStats``).
+    """
     d = module.in_features
     device = module.weight.device
-    state = {"gram": torch.zeros(d, d, device=device), "abs": torch.zeros(d, device=device), "n": 0, "mask": None}
+    state = {"gram": torch.zeros(d, d, device=device), "abs": torch.zeros(d, device=device), "n": 0, "mask": None,
+             "b": 0, "mid": None}
+    if target is not None:
+        state["cross"] = torch.zeros(d, module.out_features, device=device)
+        state["target_sq"] = 0.0
 
     def hook(_module, args):
         rows = _token_rows(args[0], state["mask"])
         state["gram"].addmm_(rows.T, rows)
         state["abs"] += rows.abs().sum(0)
         state["n"] += rows.shape[0]
+        if target is not None:
+            y = _token_rows(target(state["b"], state["mid"]), state["mask"])
+            state["cross"].addmm_(rows.T, y)
+            state["target_sq"] += float((y.double() ** 2).sum())
         raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [module.register_forward_pre_hook(hook)]
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if target is not None and norm is not None:
+        handles.append(norm.register_forward_pre_hook(lambda _m, args: state.__setitem__("mid", args[0])))
     try:
-        for h, kw, mask in zip(inputs.hidden, inputs.kwargs[index], inputs.masks):
-            state["mask"] = mask
+        for b, (h, kw, mask) in enumerate(zip(inputs.hidden, inputs.kwargs[index], inputs.masks)):
+            state.update(mask=mask, b=b, mid=None)
             try:
                 layer(h, **kw)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if state["n"] == 0:
         raise ValueError("no calibration tokens reached the layer: give non-empty calibration batches")
-    return InputStats(gram=state["gram"], abs_sum=state["abs"], count=state["n"])
+    return InputStats(gram=state["gram"], abs_sum=state["abs"], count=state["n"], cross=state.get("cross"),
+                      target_sq=state.get("target_sq"))
+
+
+@dataclass
+class DenseOutputs:
+    """Per calibration batch, what one decoder layer computes on the dense model's inputs.
+
+    attn: o_proj's output; mlp: down_proj's output; mid: the residual stream after attention
+    (the input of post_attention_layernorm); out: the layer's output (the dense next-layer input).
+    """
+
+    attn: list[Tensor]
+    mlp: list[Tensor]
+    mid: list[Tensor]
+    out: list[Tensor]
+
+
+@torch.no_grad()
+def dense_outputs(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]) -> DenseOutputs:
+    """Run the (not yet pruned) ``layer`` on the dense model's inputs ``hidden``, recording its parts."""
+    seen: dict[str, Tensor] = {}
+    handles = [
+        layer.self_attn.o_proj.register_forward_hook(lambda _m, _a, out: seen.__setitem__("attn", out)),
+        layer.mlp.down_proj.register_forward_hook(lambda _m, _a, out: seen.__setitem__("mlp", out)),
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, args: seen.__setitem__("mid", args[0])),
+    ]
+    result = DenseOutputs([], [], [], [])
+    try:
+        for h, kw in zip(hidden, kwargs):
+            result.out.append(_layer_output(layer(h, **kw)))
+            result.attn.append(seen["attn"])
+            result.mlp.append(seen["mlp"])
+            result.mid.append(seen["mid"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+def correction_target(correction: str, which: str, dense: DenseOutputs,
+                      inputs: LayerInputs) -> Callable[[int, Tensor | None], Tensor] | None:
+    """The output o_proj (``which="attn"``) or down_proj (``"mlp"``) should reconstruct, per batch.
+
+    sublayer: the dense model's o_proj / down_proj output on the dense model's inputs.
+    residual: what closes the gap between the pruned and the dense residual stream: for o_proj,
+    h_mid_dense - h_in_pruned (so h_in_pruned + attn = h_mid_dense); for down_proj,
+    h_out_dense - h_mid_pruned. This also corrects the error every earlier pruned sublayer left.
+    """
+    if correction == "none":
+        return None
+    if correction == "sublayer":
+        parts = dense.attn if which == "attn" else dense.mlp
+        return lambda b, _mid: parts[b].float()
+    if which == "attn":
+        return lambda b, _mid: dense.mid[b].float() - inputs.hidden[b].float()
+    return lambda b, mid: dense.out[b].float() - mid.float()
 
 
 @torch.no_grad()
@@ -393,13 +479,24 @@ class PruneReport:
 
 
 def _errors(stats: InputStats, W: Tensor, cols: Tensor, weight: Tensor) -> tuple[float, float]:
-    """Relative reconstruction error keeping the dense rows (before refit) and with ``weight``."""
+    """Relative reconstruction error keeping the dense rows (before refit) and with ``weight``.
+
+    Relative to the target: X_p W without a correction, else the correction's target Y
+    (||X_p W_hat - Y||^2 / ||Y||^2, from H, cross = X_p^T Y and ||Y||^2).
+    """
     H = stats.gram.double()
     Wd, cols = W.double(), cols.to(W.device)
-    return relative_error(H, Wd, cols, Wd[cols]), relative_error(H, Wd, cols, weight.double())
+    if stats.cross is None:
+        return relative_error(H, Wd, cols, Wd[cols]), relative_error(H, Wd, cols, weight.double())
+    H_ss, C_s, y2 = H[cols][:, cols], stats.cross.double()[cols], max(stats.target_sq, 1e-300)
+
+    def error(W_s: Tensor) -> float:
+        return float(((W_s * (H_ss @ W_s)).sum() - 2 * (W_s * C_s).sum() + y2) / y2)
+
+    return error(Wd[cols]), error(weight.double())
 
 
-def _prune_layer_attention(layer, stats_of: Callable[[nn.Module], InputStats], plan: PrunePlan, t: Targets,
+def _prune_layer_attention(layer, stats_of: Callable[[nn.Module, str], InputStats], plan: PrunePlan, t: Targets,
                            report: LayerReport) -> None:
     attn = layer.self_attn
     n_q, n_kv, head_dim = attention_shape(attn)
@@ -407,7 +504,7 @@ def _prune_layer_attention(layer, stats_of: Callable[[nn.Module], InputStats], p
     if t.num_key_value_heads == n_kv and t.q_per_kv == n_rep:
         return
     method, options = METHODS[plan.method], plan.solver_options()
-    stats = stats_of(attn.o_proj)
+    stats = stats_of(attn.o_proj, "attn")
     W = attn.o_proj.weight.detach().T.float()
     kv = torch.arange(n_kv)
     cols, weight, sub_stats, swaps = torch.arange(n_q * head_dim), W, stats, 0
@@ -429,12 +526,12 @@ def _prune_layer_attention(layer, stats_of: Callable[[nn.Module], InputStats], p
     prune_attention(layer, keep_kv_heads=kv, keep_q_heads=q, new_o_weight=weight.T)
 
 
-def _prune_layer_mlp(layer, stats_of: Callable[[nn.Module], InputStats], plan: PrunePlan, t: Targets,
+def _prune_layer_mlp(layer, stats_of: Callable[[nn.Module, str], InputStats], plan: PrunePlan, t: Targets,
                      report: LayerReport) -> None:
     down = layer.mlp.down_proj
     if t.intermediate_size == down.in_features:
         return
-    stats = stats_of(down)
+    stats = stats_of(down, "mlp")
     W = down.weight.detach().T.float()
     sel = METHODS[plan.method](stats, W, group_size=1, keep=t.intermediate_size, options=plan.solver_options())
     report.kept_ffn = sel.kept.tolist()
@@ -478,10 +575,21 @@ def prune_model(model: nn.Module, calib_batches: Iterable[Batch], plan: PrunePla
         layers = decoder_layers(model)
         prunes_width = (t.intermediate_size, t.num_key_value_heads, t.q_per_kv) != _widths(model.config)
         inputs = capture_layer_inputs(model, batches) if prunes_width else None
+        # the dense model's path, run alongside for the refit's targets (methods without refit ignore them)
+        correction = plan.correction if plan.method in REFITTING else "none"
+        dense_hidden = list(inputs.hidden) if inputs is not None and correction != "none" else None
         for i, layer in enumerate(layers):
             entry = LayerReport(layer=i, source_layer=source[i])
             if inputs is not None:
-                stats_of = partial(layer_input_stats, layer, inputs=inputs, index=i)
+                dense = None
+                if dense_hidden is not None:
+                    dense = dense_outputs(layer, dense_hidden, inputs.kwargs[i])
+                    dense_hidden = dense.out
+
+                def stats_of(module, which, layer=layer, dense=dense, i=i):
+                    target = correction_target(correction, which, dense, inputs) if dense is not None else None
+                    return layer_input_stats(layer, module, inputs, i, target=target)
+
                 _prune_layer_attention(layer, stats_of, plan, t, entry)
                 _prune_layer_mlp(layer, stats_of, plan, t, entry)
                 if i + 1 < len(layers):

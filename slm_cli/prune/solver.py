@@ -49,11 +49,16 @@ class InputStats:
     gram: (d, d) H = sum over tokens of x x^T (float32 or float64).
     abs_sum: (d,) sum over tokens of |x|, for the ``activation`` baseline.
     count: number of tokens accumulated.
+    cross: optional (d, d_out) C = sum over tokens of x y^T, where y is the output the layer should
+        reproduce (e.g. the dense model's); None means y = x W, the layer's own dense output.
+    target_sq: ||Y||^2 over the tokens, with ``cross`` (for relative errors).
     """
 
     gram: Tensor
     abs_sum: Tensor
     count: int
+    cross: Tensor | None = None
+    target_sq: float | None = None
 
     @property
     def abs_mean(self) -> Tensor:
@@ -333,6 +338,21 @@ def _swap_drop_costs_single(state: _ActiveSet, B: Tensor, schur_inv: Tensor, y: 
     return 0.5 * num.clamp_min(0) / den
 
 
+def target_weights(G: Tensor, W: Tensor, stats: InputStats) -> Tensor:
+    """The full-width least-squares weights the solver reconstructs: W itself without ``stats.cross``.
+
+    With a target Y (cross C = X^T Y), minimising 1/2 ||X W_hat - Y||^2 + 1/2 ridge m ||W_hat - W||^2
+    (m = mean diag H; the damping pulls toward the dense W) equals, up to a constant,
+    1/2 tr((W_hat - W_0)^T G (W_hat - W_0)) with G W_0 = C + ridge m W. So the solver runs unchanged
+    on W_0 instead of W: its costs, swaps and refit are all measured from the unconstrained optimum.
+    """
+    if stats.cross is None:
+        return W
+    damping = (G.diagonal() - stats.gram.diagonal().to(G.dtype))[:, None]  # ridge * m on every row
+    rhs = stats.cross.to(G.dtype) + damping * W
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(G))
+
+
 def _check_problem(W: Tensor, gram: Tensor, group_size: int, keep: int, buckets: int) -> int:
     d = W.shape[0]
     if gram.shape != (d, d):
@@ -367,7 +387,7 @@ def osscar(
     n = _check_problem(W, stats.gram, group_size, keep, buckets)
     dtype = _solver_dtype(W.shape[0], options)
     G = damped_gram(stats.gram.to(dtype), options.ridge)
-    Wd = W.to(dtype)
+    Wd = target_weights(G, W.to(dtype), stats)
     per_bucket = n // buckets
     bucket_of = torch.arange(n, device=G.device) // per_bucket
     quota = keep // buckets
@@ -456,6 +476,9 @@ def wanda_sp(stats, W, *, group_size, keep, buckets=1, options=None) -> Selectio
 
 
 Method = Callable[..., Selection]
+
+REFITTING = frozenset({"osscar"})
+"""Methods that refit the kept weights (and so use ``InputStats.cross``); the others keep W's rows."""
 
 METHODS: dict[str, Method] = {
     "osscar": osscar,

@@ -53,6 +53,7 @@ def make_plan(settings, config):
         keep_q_per_kv=settings.keep_q_per_kv, drop_layers=settings.drop_layers, depth_method=settings.depth_method,
         round_to=settings.round_to, ridge=settings.ridge, local_search_iters=settings.local_search_iters,
         swap_candidates=settings.swap_candidates, greedy_steps=settings.greedy_steps,
+        correction=settings.correction,
     )
     problems = plan_problems(config, plan)
     if problems:
@@ -119,6 +120,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     )
     from slm_cli.errors import SlmError
     from slm_cli.evaluate.perplexity import perplexity
+    from slm_cli.evaluate.repetition import greedy_repetition, text_prompts
     from slm_cli.prune import count_params_after, prune_model
 
     def warn(line: str) -> None:
@@ -161,8 +163,20 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
                 max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size, progress=bar.callback,
             )
 
+    prompts = None
+    if eval_text and cfg.eval.repetition_prompts:
+        prompts = text_prompts(eval_text, tokenizer, count=cfg.eval.repetition_prompts, prompt_tokens=64)
+
+    def repetition(m, what: str) -> float | None:
+        """Share of repeated 4-grams in greedy continuations of the test prompts (loops of a pruned model)."""
+        if prompts is None:
+            return None
+        with ui.console.status(f"greedy continuations of {len(prompts)} test prompts by {what}"):
+            return greedy_repetition(m, tokenizer, prompts, max_new_tokens=cfg.eval.repetition_tokens)["repeated_ngrams"]
+
     # --- run ---------------------------------------------------------------------------------
     ppl_source = score(model, "the source") if eval_text else None
+    repeated_source = repetition(model, "the source")
     # OSSCAR takes minutes per layer on real models: a bar with ETA, or a line every SLM_LOG_EVERY s off a terminal
     with ui.progress(f"pruning with {plan.method} ({len(calib)} x {calib.shape[1]} calibration tokens)", unit="layers") as bar:
         start = time.perf_counter()
@@ -173,11 +187,12 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     out = artifacts.begin(cfg.output_dir, cfg.overwrite)
     models.save_model(model.to(models.torch_dtype(save_dtype)), tokenizer, out)
     del model
-    ppl_pruned = None
+    ppl_pruned = repeated_pruned = None
     if eval_text:
         # the saved weights (rounded to save_dtype), computed in model.dtype as the source's were
         reloaded = models.load_model(str(out), cfg.model.dtype, cfg.model.trust_remote_code, field="output_dir").eval()
         ppl_pruned = score(reloaded, "the saved pruned checkpoint, loaded back")
+        repeated_pruned = repetition(reloaded, "the pruned checkpoint")
         del reloaded
     ui.console.print(
         ui.records_table(
@@ -217,6 +232,13 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
             "perplexity_pruned": ppl_pruned["perplexity"],
             "perplexity_increase_pct": 100.0 * (ppl_pruned["perplexity"] / ppl_source["perplexity"] - 1.0),
         })
+        if repeated_source is not None:
+            metrics.update({
+                "repeated_4grams_source": repeated_source,
+                "repeated_4grams_pruned": repeated_pruned,
+                "repetition_prompts": len(prompts),
+                "repetition_tokens": cfg.eval.repetition_tokens,
+            })
         if not math.isfinite(metrics["perplexity_pruned"]):
             ui.console.print("[bold yellow]warning:[/bold yellow] the pruned model's perplexity is not finite")
     calibration = {**calibration_record(calib_from, calib_text, calib), "eval_source": eval_from.source if eval_from else None}

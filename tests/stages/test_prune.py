@@ -16,6 +16,7 @@ from slm_cli.data.corpus import load_corpus
 from slm_cli.data.text import text_fingerprint
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.perplexity import perplexity
+from slm_cli.evaluate.repetition import greedy_repetition, text_prompts
 from slm_cli.prune import PrunePlan, count_params, count_params_after
 from tests.stages.helpers import meta
 
@@ -24,6 +25,7 @@ FAST = [
     "calibration.source=shakespeare", "eval.source=shakespeare",
     "calibration.samples=4", "calibration.seq_len=64", "calibration.batch_size=2",
     "eval.max_tokens=256", "eval.window=128", "eval.stride=64", "threads=1",
+    "eval.repetition_prompts=3", "eval.repetition_tokens=24",
 ]
 CONFIGS = {"llama": LlamaConfig, "qwen3": Qwen3Config}
 
@@ -101,6 +103,14 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
     got = perplexity(model, tok, text, window=128, stride=64, max_tokens=256)
     assert got["perplexity"] == pytest.approx(metrics["perplexity_pruned"], rel=1e-5)
     assert metrics["eval_tokens"] == got["tokens"] == 255 and math.isfinite(metrics["perplexity_source"])
+    assert m["pruning"]["plan"]["correction"] == "residual"
+
+    # the loop figure: repeated 4-grams of greedy continuations of 3 test prompts, recomputed here
+    prompts = text_prompts(text, tok, count=3, prompt_tokens=64)
+    rep = greedy_repetition(model, tok, prompts, max_new_tokens=24)
+    assert metrics["repeated_4grams_pruned"] == pytest.approx(rep["repeated_ngrams"])
+    assert 0 <= metrics["repeated_4grams_source"] <= 1 and rep["new_tokens"] > 3 * 4
+    assert (metrics["repetition_prompts"], metrics["repetition_tokens"]) == (3, 24)
 
 
 def _stored_dtypes(folder) -> set[str]:

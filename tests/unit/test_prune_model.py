@@ -224,7 +224,9 @@ def test_osscar_reconstructs_better_than_magnitude(kind):
     errors = {}
     for method in ("osscar", "magnitude"):
         model = tiny_model(kind)
-        _, report = prune_model(model, calib_batches(), PrunePlan(method=method, keep_ffn=0.5, keep_q_per_kv=1))
+        # correction=none: both errors measured against the same target, each layer's own X_p W
+        plan = PrunePlan(method=method, keep_ffn=0.5, keep_q_per_kv=1, correction="none")
+        _, report = prune_model(model, calib_batches(), plan)
         errors[method] = report.layers
     for osscar_layer, magnitude_layer in zip(errors["osscar"], errors["magnitude"]):
         assert osscar_layer.ffn_error_after_refit <= osscar_layer.ffn_error_before_refit
@@ -261,3 +263,44 @@ def test_cached_layer_inputs_give_the_full_model_statistics(kind):
             assert cached.count == full.count == 4 * 32 + 16 + 11
             torch.testing.assert_close(cached.gram, full.gram, rtol=1e-4, atol=1e-4)
         advance(layer, inputs, i)
+
+
+def _last_layer_error(model, dense, batches):
+    """||h_L(pruned) - h_L(dense)||^2 / ||h_L(dense)||^2 of the last decoder layer's output on ``batches``."""
+    num = den = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            ref = dense(ids, output_hidden_states=True).hidden_states[-2]  # before the final norm
+            out = model(ids, output_hidden_states=True).hidden_states[-2]
+            num, den = num + float(((out - ref) ** 2).sum()), den + float((ref ** 2).sum())
+    return num / den
+
+
+def test_error_correction_brings_later_layers_closer_to_the_dense_model():
+    """Refitting toward the dense model's residual stream (correction=residual) corrects what the
+    earlier pruned layers got wrong: the last layer's output ends closer to the dense model's, on the
+    calibration data, than reconstructing each layer's own weights on its pruned inputs (none, the old
+    behaviour). The per-layer errors are then measured against the dense residual stream."""
+    dense = tiny_model("llama", num_hidden_layers=4)
+    batches = calib_batches(n=4, batch=8)
+    errors, reports = {}, {}
+    for correction in ("none", "sublayer", "residual"):
+        model = copy.deepcopy(dense)
+        _, reports[correction] = prune_model(
+            model, batches, PrunePlan(keep_ffn=0.25, keep_q_per_kv=1, correction=correction))
+        errors[correction] = _last_layer_error(model, dense, batches)
+    assert errors["residual"] < 0.9 * errors["none"]  # measured 0.80x here
+    for entry in reports["residual"].layers:
+        assert 0 < entry.ffn_error_after_refit < entry.ffn_error_before_refit
+        assert 0 < entry.attn_error_after_refit < entry.attn_error_before_refit
+
+
+def test_correction_needs_a_known_name_and_leaves_baselines_alone():
+    with pytest.raises(ValueError, match="prune.correction='dense'.*none"):
+        PrunePlan(correction="dense")
+    kept = []
+    for correction in ("none", "residual"):
+        model = tiny_model("llama")
+        _, report = prune_model(model, calib_batches(1), PrunePlan(method="wanda_sp", keep_ffn=0.5, correction=correction))
+        kept.append([entry.kept_ffn for entry in report.layers])
+    assert kept[0] == kept[1]

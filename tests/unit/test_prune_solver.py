@@ -166,3 +166,33 @@ def test_many_removals_use_few_steps_and_stay_exact_least_squares():
     cols = group_columns(sel.kept, 1)
     assert torch.allclose(sel.weight, least_squares_refit(G, W, cols))
     assert sel.objective_final == pytest.approx(objective(G, W, cols, sel.weight))
+
+
+def test_a_target_output_is_reconstructed_by_direct_ridge_least_squares():
+    """With cross = X^T Y the refit solves min ||X_S W_S - Y||^2 + ridge m ||W_S - W_S(dense)||^2
+    directly (checked against the normal equations built from X and Y), and reproduces the dense
+    weights' problem exactly when Y = X W."""
+    X, stats, W = correlated_problem(6, 8, tokens=80)
+    g = torch.Generator().manual_seed(9)
+    Y = X @ W + 0.5 * torch.randn(X.shape[0], W.shape[1], generator=g, dtype=torch.float64)
+    targeted = InputStats(stats.gram, stats.abs_sum, stats.count, cross=X.T @ Y, target_sq=float((Y ** 2).sum()))
+    sel = osscar(targeted, W, group_size=2, keep=2, options=SolverOptions(ridge=RIDGE))
+    cols = group_columns(sel.kept, 2)
+    m = RIDGE * stats.gram.diagonal().mean()
+    Xs = X[:, cols]
+    direct = torch.linalg.solve(Xs.T @ Xs + m * torch.eye(len(cols), dtype=X.dtype), Xs.T @ Y + m * W[cols])
+    torch.testing.assert_close(sel.weight, direct)
+    # exhaustive: no other kept pair fits Y better (4 choose 2 subsets)
+    best = min(
+        float(((X[:, c] @ torch.linalg.solve(X[:, c].T @ X[:, c] + m * torch.eye(4, dtype=X.dtype),
+                                            X[:, c].T @ Y + m * W[c]) - Y) ** 2).sum()
+              + m * ((torch.linalg.solve(X[:, c].T @ X[:, c] + m * torch.eye(4, dtype=X.dtype),
+                                         X[:, c].T @ Y + m * W[c]) - W[c]) ** 2).sum())
+        for c in (group_columns(torch.tensor(S), 2) for S in itertools.combinations(range(4), 2))
+    )
+    fit = float(((Xs @ sel.weight - Y) ** 2).sum() + m * ((sel.weight - W[cols]) ** 2).sum())
+    assert fit == pytest.approx(best, rel=1e-9)
+    own = InputStats(stats.gram, stats.abs_sum, stats.count, cross=stats.gram @ W, target_sq=0.0)
+    plain, same = osscar(stats, W, group_size=1, keep=4), osscar(own, W, group_size=1, keep=4)
+    assert torch.equal(plain.kept, same.kept)
+    torch.testing.assert_close(plain.weight, same.weight)
