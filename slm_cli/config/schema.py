@@ -421,9 +421,19 @@ class QuantConfig:
     save_dtype: str = "bfloat16"  # dtype of every tensor that stays unquantized (embeddings, norms, ignored layers)
     fake_quant_eval: bool = False  # judge quality through an in-memory fake-quantized model instead of reloading the checkpoint
     error_rows: NonNegativeInt = 10  # layers with the largest weight error shown in the terminal (all go to quantization.json)
+    keep_sensitive: Annotated[Union[int, str], Range(ge=0)] = "auto"  # Linear tensors kept in bf16 besides `ignore`: auto (fewest meeting max_ppl_increase on calibration text) | N (the N most sensitive per byte) | none
+    max_ppl_increase: Annotated[float, Range(gt=0)] = 0.01  # keep_sensitive=auto: allowed perplexity increase on the calibration rows, a fraction (0.01 = +1%)
+    max_keep_fraction: Annotated[float, Range(ge=0, le=1)] = 0.03  # byte cap: at most this fraction of the quantizable Linear weights stays bf16
+    sensitivity_tokens: Annotated[int, Range(ge=2)] = 2048  # calibration tokens of the per-tensor sensitivity pass (the joint check uses every calibration row)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
+        keep = str(self.keep_sensitive).strip().lower()
+        _problems_if(
+            not (keep in ("auto", "none") or keep.isdigit() or isinstance(self.keep_sensitive, int)),
+            f"{where}.keep_sensitive={self.keep_sensitive!r}: use auto, a number of tensors N >= 0, or none",
+            out,
+        )
         _problems_if(
             self.scheme not in FP8_SCHEMES, f"{where}.scheme={self.scheme!r}: choose one of {', '.join(FP8_SCHEMES)}", out
         )
