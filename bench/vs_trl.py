@@ -49,7 +49,8 @@ def build_pair(out: Path, layers: int) -> tuple[str, Path]:
 
     config = AutoConfig.from_pretrained(teacher)
     config.num_hidden_layers = layers
-    config.layer_types = None if not hasattr(config, "layer_types") else None
+    if isinstance(getattr(config, "layer_types", None), list):  # one entry per layer: keep the first `layers`
+        config.layer_types = config.layer_types[:layers]
     source = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
@@ -127,7 +128,7 @@ def run_trl(args, teacher: str, student: Path, data: Path, work: Path) -> dict:
     return {"step_s": times, "step_tokens": tokens}
 
 
-def run_slm(args, teacher: str, student: Path, data: Path, work: Path) -> dict:
+def run_slm(args, teacher: str, student: Path, data: Path, work: Path, precompute: bool = False) -> dict:
     mode = ["distill=on_policy", f"distill.gen_max_new_tokens={args.new_tokens}"] if args.mode == "on_policy" else ["distill=supervised"]
     command = [
         sys.executable, "-m", "slm_cli", "distill", f"model.name_or_path={student}", f"teacher.name_or_path={teacher}",
@@ -136,11 +137,13 @@ def run_slm(args, teacher: str, student: Path, data: Path, work: Path) -> dict:
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.lr=1e-5", "train.warmup_steps=0",
         "train.lr_schedule=constant", "train.eval_every=0", "train.precision=fp32", "train.gradient_checkpointing=false",
         f"hydra.run.dir={work}", f"output_dir={work}/artifact",
-    ]  # fmt: skip
+    ] + (["teacher.logits=precompute"] if precompute else [])  # fmt: skip
+    started = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    total_s = time.perf_counter() - started
     rows = [json.loads(line) for line in next(work.rglob("metrics.jsonl")).read_text().splitlines()]
     elapsed = [0.0] + [r["elapsed_s"] for r in rows]
-    return {"step_s": [b - a for a, b in zip(elapsed, elapsed[1:])], "step_tokens": [r["tokens"] for r in rows]}
+    return {"step_s": [b - a for a, b in zip(elapsed, elapsed[1:])], "step_tokens": [r["tokens"] for r in rows], "run_s": total_s}
 
 
 def _summary(result: dict) -> dict:
@@ -163,7 +166,8 @@ def main() -> None:
     ap.add_argument("--student-layers", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=["supervised", "on_policy"])
     ap.add_argument("--out", default=str(REPO / "runs" / "vs_trl"))
-    ap.add_argument("--worker", choices=["trl", "slm"], help=argparse.SUPPRESS)
+    ap.add_argument("--precompute", action="store_true", help="also run slm supervised with teacher.logits=precompute (top-64 teacher log-probs cached once)")
+    ap.add_argument("--worker", choices=["trl", "slm", "slm-precompute"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,8 +177,11 @@ def main() -> None:
     data = build_data(out, args.examples)
 
     if args.worker:
-        fn = run_trl if args.worker == "trl" else run_slm
-        print("RESULT " + json.dumps(fn(args, teacher, student, data, Path(args.work))))
+        if args.worker == "trl":
+            result = run_trl(args, teacher, student, data, Path(args.work))
+        else:
+            result = run_slm(args, teacher, student, data, Path(args.work), precompute=args.worker == "slm-precompute")
+        print("RESULT " + json.dumps(result))
         return
 
     from rich.console import Console
@@ -188,7 +195,8 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[tuple[str, str], dict] = {}
     for mode in args.modes:
-        for worker in ("trl", "slm"):
+        workers = ("trl", "slm") + (("slm-precompute",) if args.precompute and mode == "supervised" else ())
+        for worker in workers:
             work = out / f"{stamp}-{mode}-{worker}"
             command = [sys.executable, __file__, "--worker", worker, "--mode", mode, "--work", str(work), "--out", str(out),
                        "--steps", str(args.steps), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
@@ -205,11 +213,15 @@ def main() -> None:
     table = Table(title="distillation step, slm vs TRL GKDTrainer (SmolLM2-135M teacher)")
     for c in ("mode", "trainer", "median s/step", "tokens/step", "tokens/s", "slm speed-up (tokens/s)"):
         table.add_column(c, justify="left" if c in ("mode", "trainer") else "right")
+    names = {"trl": "TRL GKDTrainer", "slm": "slm distill", "slm-precompute": "slm, teacher.logits=precompute (steps only)"}
     for mode in args.modes:
-        trl, slm = results[(mode, "trl")], results[(mode, "slm")]
-        for name, r in (("TRL GKDTrainer", trl), ("slm distill", slm)):
-            ratio = f"{slm['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if name == "slm distill" else ""
-            table.add_row(mode, name, f"{r['median_step_s']:.2f}", f"{r['tokens_per_step']:.0f}", f"{r['tokens_per_s']:.0f}", ratio)
+        trl = results[(mode, "trl")]
+        for worker, name in names.items():
+            if (mode, worker) not in results:
+                continue
+            r = results[(mode, worker)]
+            ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if worker != "trl" else ""
+            table.add_row(mode, name, f"{r['median_step_s']:.2f}", f"{r['tokens_per_step']:.1f}", f"{r['tokens_per_s']:.1f}", ratio)
     console.print(table)
     (out / f"{stamp}.json").write_text(json.dumps({f"{m}/{w}": r for (m, w), r in results.items()}, indent=1))
 
