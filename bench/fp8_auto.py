@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--pydocs", default="runs/pydocs")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--sensitivity-tokens", type=int, default=512)
+    ap.add_argument("--sensitivity-tokens", type=int, default=1024)
+    ap.add_argument("--sensitivity", default="fisher", choices=["fisher", "kl"])
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-ppl-increase", type=float, default=0.01)
     ap.add_argument("--max-keep-fraction", type=float, default=0.03)
@@ -93,7 +94,7 @@ def main() -> None:
         sel = select_sensitive(
             model, scheme, ["lm_head"], rows, keep="auto", max_ppl_increase=args.max_ppl_increase,
             max_keep_fraction=args.max_keep_fraction, sensitivity_tokens=args.sensitivity_tokens,
-            calib_batches=calib, progress=lambda what, d, t: print(f"  {scheme} {what} {d}/{t} at {time.perf_counter() - started:.0f} s", flush=True) if t == 0 or d % 30 == 0 else None,
+            calib_batches=calib, method=args.sensitivity, progress=lambda what, d, t: print(f"  {scheme} {what} {d}/{t} at {time.perf_counter() - started:.0f} s", flush=True) if t in (0, d) or d % 30 == 0 else None,
         )
         seconds = time.perf_counter() - started
         variants = {

@@ -425,6 +425,7 @@ class QuantConfig:
     max_ppl_increase: Annotated[float, Range(gt=0)] = 0.01  # keep_sensitive=auto: allowed perplexity increase on the calibration rows, a fraction (0.01 = +1%)
     max_keep_fraction: Annotated[float, Range(ge=0, le=1)] = 0.03  # byte cap: at most this fraction of the quantizable Linear weights stays bf16
     sensitivity_tokens: Annotated[int, Range(ge=2)] = 2048  # calibration tokens of the per-tensor sensitivity pass (the joint check uses every calibration row)
+    sensitivity: str = "fisher"  # how each tensor's sensitivity is measured: fisher (one forward+backward for all tensors) | kl (one forward per tensor, exact; slow on CPU)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -432,6 +433,11 @@ class QuantConfig:
         _problems_if(
             not (keep in ("auto", "none") or keep.isdigit() or isinstance(self.keep_sensitive, int)),
             f"{where}.keep_sensitive={self.keep_sensitive!r}: use auto, a number of tensors N >= 0, or none",
+            out,
+        )
+        _problems_if(
+            self.sensitivity not in ("fisher", "kl"),
+            f"{where}.sensitivity={self.sensitivity!r}: choose fisher or kl",
             out,
         )
         _problems_if(

@@ -127,6 +127,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
                 max_keep_fraction=cfg.quant.max_keep_fraction, sensitivity_tokens=cfg.quant.sensitivity_tokens,
                 calib_batches=calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype),
                 batch_size=cfg.calibration.batch_size, progress=lambda what, d, t: bar.callback(d, t),
+                method=cfg.quant.sensitivity,
             )
         ignore += selection["kept"]
         ui.console.print(

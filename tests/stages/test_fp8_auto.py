@@ -69,17 +69,18 @@ def calib_ppl(model, tok, calib) -> float:
     return math.exp(F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1)).item())
 
 
-@pytest.mark.parametrize("scheme", ["fp8_dynamic", "fp8_static"])
-def test_auto_keeps_the_outlier_tensor_and_meets_the_budget(slm, tmp_path, source, scheme):
+@pytest.mark.parametrize("scheme, method", [("fp8_dynamic", "fisher"), ("fp8_static", "fisher"), ("fp8_dynamic", "kl")])
+def test_auto_keeps_the_outlier_tensor_and_meets_the_budget(slm, tmp_path, source, scheme, method):
     folder, calib = source
     out = tmp_path / "fp8"
-    assert slm("quantize", f"model.name_or_path={folder}", f"quant={scheme}", f"calibration.source={calib}",
+    assert slm("quantize", f"model.name_or_path={folder}", f"quant={scheme}", f"quant.sensitivity={method}", f"calibration.source={calib}",
                f"eval.source={calib}", *FAST, "quant.max_ppl_increase=0.01", "quant.max_keep_fraction=0.25",
                f"output_dir={out}") == 0
     m = meta(out)
     sel, metrics = m["keep_sensitive"], m["metrics"]
     # quantizing everything breaks the budget; keeping the planted tensor (first in line) meets it
     assert sel["rounds"][0]["kept"] == 0 and sel["rounds"][0]["ppl_increase"] > 0.05
+    assert sel["sensitivity_method"] == method
     assert sel["kept"][0] == OUTLIER and sel["met"] is True and sel["ppl_increase"] <= 0.01
     assert metrics["kept_bf16"] == sel["kept"] and metrics["keep_budget_met"] is True
     assert sel["kept_params"] <= 0.25 * sel["quantizable_params"]
@@ -135,6 +136,7 @@ def test_a_count_keeps_that_many_and_none_keeps_nothing(slm, tmp_path, source):
         ("quant.max_ppl_increase=0", "quant.max_ppl_increase"),
         ("quant.max_keep_fraction=1.5", "quant.max_keep_fraction"),
         ("quant.sensitivity_tokens=1", "quant.sensitivity_tokens"),
+        ("quant.sensitivity=hessian", "quant.sensitivity='hessian': choose fisher or kl"),
     ],
 )
 def test_bad_keep_settings_exit_2_before_work(slm, tmp_path, source, capsys, override, says):
