@@ -114,3 +114,30 @@ def test_more_than_one_process_is_refused():
     with pytest.raises(SlmError, match="measured in one process, and this run has 2: run it with launcher.nproc_per_node=1"):
         memory.fit_micro_batch(TrainConfig(micro_batch_size="auto", memory_budget_gb=4), lambda t: 0.0,
                                train_examples=64, world_size=2)
+
+
+def test_the_loop_stops_a_run_over_its_budget(tmp_path):
+    """The engine, not the OS, enforces the budget: a run whose peak goes over it stops with an error after the step."""
+    from functools import partial
+
+    from slm_cli.config.schema import DeepSpeedConfig, ModelConfig, TrainConfig
+    from slm_cli.data.tokenize import EncodedExample, collate
+    from slm_cli.engine import loop
+    from slm_cli.errors import SlmError
+    from slm_cli.models import build_model
+
+    class _Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 64
+
+    model = build_model(ModelConfig(arch="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64), _Tok())
+    tcfg = TrainConfig(max_steps=3, micro_batch_size=2, memory_budget_gb=0.05, warmup_steps=0, eval_every=0)
+    engine, _ = loop.initialize(model, tcfg, DeepSpeedConfig())
+    data = [EncodedExample(input_ids=list(range(3, 19)), labels=list(range(3, 19))) for _ in range(4)]
+    with pytest.raises(SlmError, match=r"training stopped at step 1: the process's peak memory reached [0-9.]+ GB, "
+                                       r"over train.memory_budget_gb=0.05 \(train.micro_batch_size=2\)"):
+        loop.train(engine, train_set=data, val_set=[], collate=partial(collate, pad_token_id=0), tcfg=tcfg, seed=0,
+                   work_dir=tmp_path, resume=False)
