@@ -141,3 +141,24 @@ def test_the_loop_stops_a_run_over_its_budget(tmp_path):
                                        r"over train.memory_budget_gb=0.05 \(train.micro_batch_size=2\)"):
         loop.train(engine, train_set=data, val_set=[], collate=partial(collate, pad_token_id=0), tcfg=tcfg, seed=0,
                    work_dir=tmp_path, resume=False)
+
+
+def test_distill_measures_with_the_teacher_and_sampling(calibration):
+    """On-policy distillation: each probe runs the student's engine, the teacher's forwards and the sampling."""
+    tmp, _ = calibration
+    teacher, proc = _teacher(tmp, "teacher-for-distill", "train.micro_batch_size=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp / "distilled"
+    proc = run_cli([
+        "distill", f"teacher.name_or_path={teacher}", "model=tiny-llama", "model.num_hidden_layers=1", "model.hidden_size=64",
+        "model.intermediate_size=128", "data.train_size=24", "data.val_size=8", "data.test_size=8", "train.max_steps=2",
+        "train.eval_every=0", "train.eval_batches=1", "train.warmup_steps=0", "distill=on_policy", "distill.gen_max_new_tokens=4",
+        "train.micro_batch_size=auto", "train.memory_budget_gb=100", f"output_dir={out}",
+    ], cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = meta(out)
+    mem = m["memory"]
+    assert [p["micro_batch_size"] for p in mem["probes"]] == [1, 2, 4, 8, 16, 24]
+    assert mem["micro_batch_size"] == 24 and all(p["fits"] and p["tokens_per_s"] > 0 for p in mem["probes"])
+    assert m["metrics"]["peak_memory_gb"] <= 100
+    assert json.loads((out / "deepspeed_config.json").read_text())["train_micro_batch_size_per_gpu"] == 24
