@@ -1,125 +1,153 @@
-"""Structured pruning without retraining on SmolLM2-135M-Instruct: perplexity and wall time per method.
+"""OSSCAR at keep_ffn 0.5 on SmolLM2-135M-Instruct, calibrated in-domain, no retraining: one run, two tables.
 
-    .venv/bin/python bench/prune.py                       # the whole table (~20-30 min on 2 busy cores)
-    .venv/bin/python bench/prune.py --settings ffn0.5 --methods osscar --samples 128
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune.py --curve --json runs/bench_prune.json   # both tables
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune.py --methods osscar --json runs/bench_prune.json  # one row
 
-Every method prunes a fresh copy of the same dense model on the same calibration rows (the first
-samples x seq_len tokens of the `shakespeare` corpus' calibration split) and is scored on the same
-text (the first --eval-tokens tokens of its test split, sliding window 512, stride --eval-stride), in memory
-(the stage tests check that the saved checkpoint scores the same). Settings:
+On 2 cores shared with other jobs (load 6-9), one OSSCAR row at 64 x 256 took 40-52 min of wall time
+and the dense row 15 min, so the whole run takes hours: run it in parts into the same --json file
+(rows already there are reused) and the last part prints both tables.
 
-  ffn0.5, ffn0.75   keep that fraction of the 1536 MLP neurons in every layer
-  q2of3             keep 2 of the 3 query heads of every KV group (9 -> 6 heads)
-  drop6, drop10     drop 6 / 10 of the 30 layers by block influence; the width methods do not
-                    apply, so these rows are measured once
-Results go to the terminal and, with --json, to a file (figures in bench/prune.md).
+Text: Python's documentation split by file (bench/pydocs.py): calibrate on the first samples x 256
+tokens of calib.txt, measure on test.txt (never used to choose anything): sliding-window perplexity
+on its first --eval-tokens tokens (window 512, stride 256, as `slm prune` scores), and the repeated
+4-gram fraction of greedy continuations (slm_cli/evaluate/repetition.py: --prompts prompts of 64 test
+tokens, --new-tokens new tokens each).
+
+Table 1, the comparison at the default budget (`slm prune`'s calibration.samples=64 x seq_len=256):
+osscar with its default correction (residual: each layer refit toward the dense model's residual
+stream), osscar with correction=none (the refit target before 2026-11-30: each layer's own weights
+on the pruned model's inputs), and the baselines (wanda_sp, activation, magnitude), all on the same
+rows; prune wall time and its ratio to osscar/none, measured in the same process.
+Table 2, the calibration curve: osscar (defaults) at --curve-samples sequences of 256 tokens.
+
+Every configuration prunes a fresh copy of the dense float32 model. With --json, each row is written
+as soon as it is measured and a rerun with the same file skips the rows already there (long runs on
+a shared machine can be resumed).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import os
+import sys
 import time
+from pathlib import Path
 
-SETTINGS = {
-    "ffn0.5": {"keep_ffn": 0.5},
-    "ffn0.75": {"keep_ffn": 0.75},
-    "q2of3": {"keep_q_per_kv": 2},
-    "drop6": {"drop_layers": 6},
-    "drop10": {"drop_layers": 10},
-}
-DEPTH_ONLY = {"drop6", "drop10"}
-METHODS = ["osscar", "activation", "wanda_sp", "magnitude"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+METHODS = ["osscar", "osscar/none", "wanda_sp", "activation", "magnitude"]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--samples", type=int, default=32, help="calibration rows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration row")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-tokens", type=int, default=2048)
-    p.add_argument("--eval-stride", type=int, default=511, help="sliding-window stride (window 512)")
-    p.add_argument("--ridge", type=float, default=1e-2)
-    p.add_argument("--local-search-iters", type=int, default=16)
-    p.add_argument("--swap-candidates", type=int, default=32)
-    p.add_argument("--greedy-steps", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--pydocs", default="runs/pydocs", help="folder of calib.txt / test.txt (written if missing)")
+    p.add_argument("--keep-ffn", type=float, default=0.5)
+    p.add_argument("--samples", type=int, default=64, help="calibration rows of the comparison")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS, help="comparison rows (none: skip)")
+    p.add_argument("--curve", action="store_true", help="measure the calibration curve (table 2)")
+    p.add_argument("--curve-samples", nargs="+", type=int, default=[32, 64, 128, 256])
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32", help="compute dtype of pruning and scoring")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--json", default=None, help="write rows here as they come; rows already in it are reused")
     args = p.parse_args()
 
     import torch
     from transformers.utils import logging as hf_logging
 
+    from bench.pydocs import write_split
     from slm_cli import models, ui
-    from slm_cli.data import load_splits
+    from slm_cli.data.text import calibration_rows
     from slm_cli.evaluate.perplexity import perplexity
+    from slm_cli.evaluate.repetition import greedy_repetition, text_prompts
     from slm_cli.pretrained import resolve_model_path
     from slm_cli.prune import PrunePlan, count_params, prune_model
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    calib_path, test_path = write_split(args.pydocs)
     path = resolve_model_path(args.model)
     tokenizer = models.load_tokenizer(path)
-    dense = models.load_model(path, "float32").eval()
+    dense = models.load_model(path, args.dtype).eval()
+    # the first 256 x 256 tokens lie well inside the first 4 MB of calib.txt: no need to tokenize 8.8 MB
+    calib_text = calib_path.read_text(encoding="utf-8")[:4_000_000]
+    test_text = test_path.read_text(encoding="utf-8")
+    prompts = text_prompts(test_text, tokenizer, count=args.prompts, prompt_tokens=64)
 
-    def text(split: str) -> str:
-        rows = load_splits("shakespeare", train_size=1, val_size=None, test_size=None)[split]
-        return "\n\n".join(r["text"] for r in rows)
+    done: dict[str, dict] = {}
+    if args.json and Path(args.json).is_file():
+        done = {r["key"]: r for r in json.loads(Path(args.json).read_text())["rows"]}
 
-    ids = tokenizer(text("validation"), verbose=False)["input_ids"][: args.samples * args.seq_len]
-    calib = torch.tensor(ids).view(-1, args.seq_len)
-    batches = list(calib.split(args.batch_size))
-    eval_text = text("test")
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": list(done.values())}, indent=2))
 
-    def score(model) -> float:
-        return perplexity(model, tokenizer, eval_text, window=512, stride=args.eval_stride,
-                          max_tokens=args.eval_tokens)["perplexity"]
+    def measure(key: str, make) -> dict:
+        """Run ``make()`` -> (model, seconds, extra) unless ``key`` is in the JSON already; score it."""
+        if key in done:
+            ui.console.print(f"{key}: reused from {args.json}", highlight=False)
+            return done[key]
+        model, seconds, extra = make()
+        ppl = perplexity(model, tokenizer, test_text, window=512, stride=256, max_tokens=args.eval_tokens)
+        rep = greedy_repetition(model, tokenizer, prompts, max_new_tokens=args.new_tokens)
+        row = {"key": key, **extra, "params": count_params(model), "perplexity": ppl["perplexity"],
+               "eval_tokens": ppl["tokens"], "repeated_4grams": rep["repeated_ngrams"], "prune_seconds": seconds}
+        done[key] = row
+        save()
+        ui.console.print(f"{key}: perplexity {row['perplexity']:.2f}, repeated 4-grams "
+                         f"{row['repeated_4grams']:.1%}, {seconds:.0f} s", highlight=False)
+        return row
 
-    rows = []
-    start = time.perf_counter()
-    dense_ppl = score(dense)
-    rows.append({"setting": "dense", "method": "-", "params": count_params(dense), "perplexity": dense_ppl,
-                 "increase": 0.0, "seconds": 0.0})
-    ui.console.print(f"dense: perplexity {dense_ppl:.2f} ({time.perf_counter() - start:.0f} s), "
-                     f"calibration {tuple(calib.shape)}, eval {args.eval_tokens} tokens", highlight=False)
-    for setting in args.settings:
-        for method in (["osscar"] if setting in DEPTH_ONLY else args.methods):
-            plan = PrunePlan(method=method, ridge=args.ridge, local_search_iters=args.local_search_iters,
-                             swap_candidates=args.swap_candidates, greedy_steps=args.greedy_steps, **SETTINGS[setting])
+    def pruned(method: str, correction: str, samples: int):
+        def make():
+            rows = calibration_rows(calib_text, tokenizer, samples, args.seq_len)
+            plan = PrunePlan(method=method, keep_ffn=args.keep_ffn, correction=correction)
             model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            model, report = prune_model(model, batches, plan)
-            seconds = time.perf_counter() - t0
-            ppl = score(model)
-            row = {"setting": setting, "method": "block_influence" if setting in DEPTH_ONLY else method,
-                   "params": report.params_after, "perplexity": ppl, "increase": ppl - dense_ppl, "seconds": seconds}
-            rows.append(row)
-            ui.console.print(f"{setting:8s} {row['method']:16s} ppl {ppl:12.2f}  {seconds:7.1f} s", highlight=False)
-            del model
-            if args.json:  # after every row, so an interrupted run keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    for setting in args.settings:
-        if setting in DEPTH_ONLY:
-            continue
-        incr = {r["method"]: r["increase"] for r in rows if r["setting"] == setting}
-        baselines = [v for k, v in incr.items() if k != "osscar"]
-        if "osscar" in incr and baselines:
-            ratio = incr["osscar"] / min(baselines)
-            rows_of = [r for r in rows if r["setting"] == setting and r["method"] == "osscar"]
-            rows_of[0]["ratio_to_best_baseline"] = ratio
+            start = time.perf_counter()
+            model, _ = prune_model(model, list(rows.split(8)), plan)
+            return model, time.perf_counter() - start, {
+                "method": method, "correction": correction if method == "osscar" else "-", "samples": samples,
+                "calibration_tokens": int(rows.numel())}
+        return make
+
+    started = time.time()
+    dense_row = measure("dense", lambda: (dense, 0.0, {"method": "dense", "correction": "-", "samples": 0}))
+    comparison = []
+    for name in args.methods:
+        method, _, correction = name.partition("/")
+        correction = correction or PrunePlan.correction
+        comparison.append(measure(f"{name}@{args.samples}", pruned(method, correction, args.samples)))
+    curve = []
+    if args.curve:
+        for samples in args.curve_samples:
+            curve.append(measure(f"osscar@{samples}", pruned("osscar", PrunePlan.correction, samples)))
+
+    before = done.get(f"osscar/none@{args.samples}")
+    for row in [dense_row, *comparison, *curve]:
+        row["increase"] = row["perplexity"] - dense_row["perplexity"]
+        if before and row is not dense_row:
+            row["time_vs_osscar_none"] = row["prune_seconds"] / before["prune_seconds"]
+    columns = ["method", "correction", "samples", "params", "perplexity", "increase", "repeated_4grams",
+               "prune_seconds", "time_vs_osscar_none"]
     ui.console.print(ui.records_table(
-        f"SmolLM2-135M-Instruct, no retraining: perplexity on {args.eval_tokens} test tokens "
-        f"(calibration {calib.shape[0]}x{calib.shape[1]} tokens)",
-        rows, ["setting", "method", "params", "perplexity", "increase", "ratio_to_best_baseline", "seconds"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+        f"SmolLM2-135M-Instruct, keep_ffn {args.keep_ffn}, no retraining: test.txt perplexity "
+        f"({args.eval_tokens} tokens) and repeated 4-grams ({args.prompts} x {args.new_tokens} greedy tokens); "
+        f"calibration {args.samples} x {args.seq_len} tokens of calib.txt",
+        [dense_row, *comparison], columns))
+    if curve:
+        ui.console.print(ui.records_table(
+            f"OSSCAR calibration curve (sequences of {args.seq_len} tokens, correction={PrunePlan.correction})",
+            curve, ["samples", "calibration_tokens", "perplexity", "increase", "repeated_4grams", "prune_seconds",
+                    "time_vs_osscar_none"]))
+    ui.console.print(f"{datetime.date.today()}, {time.time() - started:.0f} s, torch threads {args.threads}, "
+                     f"load average {os.getloadavg()[0]:.1f}", highlight=False)
     return 0
 
 
