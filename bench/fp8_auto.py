@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-ppl-increase", type=float, default=0.01)
     ap.add_argument("--max-keep-fraction", type=float, default=0.03)
+    ap.add_argument("--only-auto", action="store_true", help="skip the every-Linear and whole-layer variants")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -102,6 +103,8 @@ def main() -> None:
             f"whole last layer ({last}) kept": [rf"re:model\.layers\.{last}\..*"],
             "keep_sensitive=auto": sel["kept"],
         }
+        if args.only_auto:
+            variants = {"keep_sensitive=auto": sel["kept"]}
         for label, kept in variants.items():
             fq = fake_quant_model(model, scheme, ["lm_head", *kept], calib, storage_dtype=torch.bfloat16).eval()
             calib_ppl = math.exp(mean_nll(fq, rows, 4))
