@@ -1,7 +1,8 @@
 """`slm quantize`: an FP8 checkpoint of an artifact, in the compressed-tensors format vLLM serves.
 
 Reads top to bottom: setup (lineage check, source model, calibration and evaluation text) ->
-run (quantize, save into the staging folder, check it as vLLM would read it, measure it) ->
+run (choose the Linear tensors kept in bf16 with `quant.keep_sensitive`, see slm_cli/quant/select.py;
+quantize, save into the staging folder, check it as vLLM would read it, measure it) ->
 save (slm.json with the source as parent, published atomically). Nothing is published when a
 check fails: the staging folder stays under `<output_dir>.work/` for inspection.
 
