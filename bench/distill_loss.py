@@ -202,7 +202,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=180)
     console.print(
         f"[bold]distillation loss, fwd+bwd[/bold]: {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, "
         f"{args.dtype} CPU, {args.divergence} beta={args.beta}, kd_weight={args.kd_weight}, median of {args.repeats} "
