@@ -299,3 +299,32 @@ def over_budget_message(peak: float, budget: float, step: int, micro_batch_size:
         f"{budget:g} (train.micro_batch_size={micro_batch_size}). Lower train.micro_batch_size (auto measures one that "
         "fits), raise the budget, or turn on train.gradient_checkpointing."
     )
+
+
+def fit_stage(cfg, train_examples: int, probe: Callable[[Any], float]):
+    """A training stage's one call: without `train.memory_budget_gb`, None; with it, measure the micro-batch
+    that fits (auto) or check the one given, set it in `cfg.train`, print the table and return the fit.
+
+    `probe(tcfg)` runs in a forked child: it builds the stage's real engine for `tcfg` and returns
+    `probe_steps(...)` of the stage's own loss (see `engine_probe` for the plain-CE stages)."""
+    if cfg.train.memory_budget_gb is None:
+        return None
+    from slm_cli import ui
+    from slm_cli.engine import distributed as dist
+
+    fit = fit_micro_batch(cfg.train, probe, train_examples=train_examples, world_size=dist.world_size())
+    cfg.train.micro_batch_size = fit.micro_batch_size
+    ui.console.print(table(fit))
+    return fit
+
+
+def engine_probe(cfg, model, train_set: list, collate: Callable) -> Callable[[Any], float]:
+    """The probe of a stage that trains `model` on its own loss (teacher, student)."""
+
+    def probe(tcfg) -> float:
+        from slm_cli.engine import loop
+
+        engine, _ = loop.initialize(model, tcfg, cfg.deepspeed)
+        return probe_steps(engine, train_set=train_set, collate=collate, tcfg=tcfg, seed=cfg.seed)
+
+    return probe

@@ -42,7 +42,7 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     from slm_cli.distill.objective import KDObjective, make_prepare
     from slm_cli.distill.sampler import GenerationCopy
     from slm_cli.engine import distributed as dist
-    from slm_cli.engine import loop
+    from slm_cli.engine import loop, memory
     from slm_cli.engine.logging import quiet_libraries
     from slm_cli.engine.publish import publish_trained
     from slm_cli.errors import SlmError
@@ -88,28 +88,24 @@ def run(cfg: DistillStageConfig, resolved: dict) -> dict:
     student_copy = None
     if cfg.deepspeed.zero_stage == 3 and cfg.distill.mode in ("on_policy", "mixed"):
         student_copy = GenerationCopy(model)
-    memory_fit = None
-    if cfg.train.memory_budget_gb is not None:  # measure the micro-batch that fits (micro_batch_size=auto) or check the one given
-        from slm_cli.engine import memory
 
-        def probe(tcfg) -> float:
-            # In a forked child: the student's engine, the teacher and its forwards, sampling included. With
-            # teacher.logits=precompute this is an upper bound: the run itself drops the teacher for its cache.
-            engine, ds_config = loop.initialize(model, tcfg, cfg.deepspeed)
-            frozen = teacher.to(engine.device)
-            if cfg.deepspeed.zero_stage == 3:
-                frozen = loop.partition_frozen(frozen, ds_config)
-            objective = KDObjective(frozen, cfg.distill, vocab_size, fused=cfg.distill.fused_loss)
-            prepare = make_prepare(
-                cfg.distill.mode, cfg.distill, student_engine=engine, teacher=frozen, pad_id=tokenizer.pad_token_id,
-                eos_id=tokenizer.eos_token_id, seed=cfg.seed, student_copy=student_copy, teacher_synced=False,
-            )
-            return memory.probe_steps(engine, train_set=train_set, collate=batch_fn, tcfg=tcfg, seed=cfg.seed,
-                                      loss_fn=objective, prepare=prepare)
+    def probe(tcfg) -> float:
+        # In a forked child: the student's engine, the teacher and its forwards, sampling included. With
+        # teacher.logits=precompute this is an upper bound: the run itself drops the teacher for its cache.
+        engine, ds_config = loop.initialize(model, tcfg, cfg.deepspeed)
+        frozen = teacher.to(engine.device)
+        if cfg.deepspeed.zero_stage == 3:
+            frozen = loop.partition_frozen(frozen, ds_config)
+        objective = KDObjective(frozen, cfg.distill, vocab_size, fused=cfg.distill.fused_loss)
+        prepare = make_prepare(
+            cfg.distill.mode, cfg.distill, student_engine=engine, teacher=frozen, pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id, seed=cfg.seed, student_copy=student_copy, teacher_synced=False,
+        )
+        return memory.probe_steps(engine, train_set=train_set, collate=batch_fn, tcfg=tcfg, seed=cfg.seed,
+                                  loss_fn=objective, prepare=prepare)
 
-        memory_fit = memory.fit_micro_batch(cfg.train, probe, train_examples=len(train_set), world_size=dist.world_size())
-        cfg.train.micro_batch_size = memory_fit.micro_batch_size
-        ui.console.print(memory.table(memory_fit))
+    # under train.memory_budget_gb: measure the micro-batch that fits (micro_batch_size=auto) or check the one given
+    memory_fit = memory.fit_stage(cfg, len(train_set), probe)
     check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
     val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)

@@ -35,7 +35,7 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     from slm_cli.data import load_splits
     from slm_cli.data.tokenize import check_batch_fits, collate, encode_dataset, pack_examples
     from slm_cli.engine import distributed as dist
-    from slm_cli.engine import loop
+    from slm_cli.engine import loop, memory
     from slm_cli.engine.logging import quiet_libraries
     from slm_cli.engine.publish import publish_trained
     from slm_cli.pretrained import resolve_model_path
@@ -66,17 +66,8 @@ def run(cfg: TeacherStageConfig, resolved: dict) -> dict:
     if cfg.data.packing:
         train_set = pack_examples(train_set, cfg.data.max_seq_len, train_stats)
     batch_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
-    memory_fit = None
-    if cfg.train.memory_budget_gb is not None:  # measure the micro-batch that fits (micro_batch_size=auto) or check the one given
-        from slm_cli.engine import memory
-
-        def probe(tcfg) -> float:  # runs in a forked child: the real engine, a few steps
-            engine, _ = loop.initialize(model, tcfg, cfg.deepspeed)
-            return memory.probe_steps(engine, train_set=train_set, collate=batch_fn, tcfg=tcfg, seed=cfg.seed)
-
-        memory_fit = memory.fit_micro_batch(cfg.train, probe, train_examples=len(train_set), world_size=dist.world_size())
-        cfg.train.micro_batch_size = memory_fit.micro_batch_size
-        ui.console.print(memory.table(memory_fit))
+    # under train.memory_budget_gb: measure the micro-batch that fits (micro_batch_size=auto) or check the one given
+    memory_fit = memory.fit_stage(cfg, len(train_set), memory.engine_probe(cfg, model, train_set, batch_fn))
     check_batch_fits(len(train_set), cfg.train.micro_batch_size, dist.world_size())
     val_set, _ = encode_dataset(splits["validation"], tokenizer, cfg.data.max_seq_len, split="validation")
     engine, ds_config = loop.initialize(model, cfg.train, cfg.deepspeed)
