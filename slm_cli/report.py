@@ -346,7 +346,10 @@ def build_rows(nodes: list[dict], heldout: list[dict] | None = None, inputs: Inp
             row["heldout"] = h
         calibration = (n["meta"] or {}).get("calibration")
         if isinstance(calibration, dict) and calibration.get("source"):
-            row["calibration"] = calibration  # what prune / fp8_static statistics were fitted on
+            row["calibration"] = calibration  # what prune / quantize statistics were fitted on
+        kept = (n["meta"] or {}).get("keep_sensitive")
+        if isinstance(kept, dict) and "kept" in kept:
+            row["keep_sensitive"] = {k: kept.get(k) for k in ("mode", "kept", "met", "ppl_increase", "max_ppl_increase")}
         rows.append(row)
     return rows, ref
 
@@ -436,6 +439,21 @@ def calibration_note(calibration: dict | None) -> str:
     return f"; calibrated on `{calibration['source']}` ({why}; {size}{digest})"
 
 
+def kept_note(kept: dict | None) -> str:
+    """`; N tensors kept in bf16 ...` for a quantized artifact's report.md line: which FP8 skipped, and why."""
+    if not kept:
+        return ""
+    names = kept.get("kept") or []
+    shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if kept.get("mode") != "auto":
+        return f"; {len(names)} tensors kept in bf16 by count" + (f" ({shown})" if names else "")
+    increase, budget = kept.get("ppl_increase"), kept.get("max_ppl_increase")
+    verdict = "met" if kept.get("met") else "**not met**"
+    measured = f"calibration perplexity +{100 * increase:.2f}%" if increase is not None else "calibration perplexity"
+    return (f"; {len(names)} most FP8-sensitive tensors kept in bf16" + (f" ({shown})" if names else "")
+            + f" for {measured} against a budget of +{100 * (budget or 0):.2f}%: {verdict}")
+
+
 def markdown(report: dict) -> str:
     rows, cols = report["rows"], [tuple(c) for c in report["columns"]]
     ref = rows[report["reference"]]
@@ -454,7 +472,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join([r["name"], r["stage"], *(cell(r, k) for k, _ in cols)]) + " |")
     lines.append("")
     lines += [f"- **{r['name']}**: `{r['path']}`" + (f" (from {', '.join(r['parents'])})" if r["parents"] else "")
-              + calibration_note(r.get("calibration")) for r in rows]
+              + calibration_note(r.get("calibration")) + kept_note(r.get("keep_sensitive")) for r in rows]
     reused = sum(bool((r.get("heldout") or {}).get("reused")) for r in rows)
     if reused:
         lines += ["", f"Held-out numbers of {reused} artifact(s) were measured before on the same files and data, and reused."]

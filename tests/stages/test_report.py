@@ -56,7 +56,9 @@ def pipeline(tmp_path_factory, tokenizer):
     fp8 = root / "fp8"
     save_fp8(model, tokenizer, fp8, source_dtype=torch.float32)
     artifacts.write_metadata(fp8, stage="quantize", config={}, parents=[artifacts.parent("source", pruned)],
-                             metrics={"perplexity_fp8": 2688.0, "bench": {"note": FP8_NOTE}})
+                             metrics={"perplexity_fp8": 2688.0, "bench": {"note": FP8_NOTE}},
+                             extra={"keep_sensitive": {"mode": "auto", "kept": ["model.layers.0.self_attn.k_proj"], "met": True,
+                                                       "ppl_increase": 0.0042, "max_ppl_increase": 0.01}})
     return root
 
 
@@ -95,6 +97,10 @@ def test_every_artifact_is_scored_on_the_teachers_test_split(slm, tmp_path, pipe
     md = (out / REPORT_MD).read_text()
     assert "the test split of `arithmetic` (8 records, seed 0)" in md and "recorded in teacher's slm.json" in md
     assert "| fp8 | quantize |" in md and "FP8: not timed on CPU" in md and "val objective" not in md and "2688" not in md
+    # which tensors FP8 skipped, and why, on the quantized artifact's line
+    assert rows["fp8"]["keep_sensitive"]["kept"] == ["model.layers.0.self_attn.k_proj"]
+    assert ("1 most FP8-sensitive tensors kept in bf16 (`model.layers.0.self_attn.k_proj`) for calibration perplexity "
+            "+0.42% against a budget of +1.00%: met") in md
     assert (out / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
