@@ -17,8 +17,8 @@ most quality per byte.
    which is never negative and, unlike a perplexity difference, does not cancel between tokens
    the rounding helps and tokens it hurts. The float model's input to every decoder layer is
    recorded once, so measuring a tensor of layer i reruns only layers i..L-1 and the head
-   (about half a forward pass on average); the pass runs in bf16 on ``sensitivity_tokens``
-   tokens. That is still one partial forward pass per tensor (210 on SmolLM2-135M: hours on a
+   (about half a forward pass on average); the pass runs in the model's dtype on
+   ``sensitivity_tokens`` tokens. That is still one partial forward pass per tensor (210 on SmolLM2-135M: hours on a
    loaded 2-core CPU), so the default (``sensitivity=fisher``, ``fisher_sensitivity``) estimates
    S_t for every tensor from one forward and one backward pass, with the same exact fake-quant
    output error; the joint checks below stay exact either way.
@@ -157,16 +157,20 @@ def tensor_sensitivity(
     ignore: Iterable[str],
     rows: torch.Tensor,
     calib_batches: Iterable | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     batch_size: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """S_t (module docstring) of every Linear the scheme quantizes, computed on ``rows``.
 
-    Works on ``dtype`` copies of ``model`` (not modified). Returns one dict per tensor:
-    name, params (weights), kl (S_t), kl_per_param, layer; in no particular order.
+    Works on copies of ``model`` (not modified), in ``dtype`` when given, else in the model's own
+    dtype (``model.dtype``): bf16 is not faster everywhere (an AVX2-only CPU runs bf16 GEMMs at
+    0.15x fp32, bench/gemm.py). Returns one dict per tensor: name, params (weights), kl (S_t),
+    kl_per_param, layer; in no particular order.
     """
-    ref = copy.deepcopy(model).to(dtype).eval()
+    ref = copy.deepcopy(model).eval()
+    if dtype is not None:
+        ref = ref.to(dtype)
     calib = None if calib_batches is None else list(calib_batches)
     fq = fake_quant_model(ref, scheme, list(ignore), calib)
     quantized = {name: m for name, m in fq.named_modules() if is_module_quantized(m)}
