@@ -449,9 +449,9 @@ def kept_note(kept: dict | None) -> str:
         return f"; {len(names)} tensors kept in bf16 by count" + (f" ({shown})" if names else "")
     increase, budget = kept.get("ppl_increase"), kept.get("max_ppl_increase")
     verdict = "met" if kept.get("met") else "**not met**"
-    measured = f"calibration perplexity +{100 * increase:.2f}%" if increase is not None else "calibration perplexity"
-    return (f"; {len(names)} most FP8-sensitive tensors kept in bf16" + (f" ({shown})" if names else "")
-            + f" for {measured} against a budget of +{100 * (budget or 0):.2f}%: {verdict}")
+    measured = f"calibration perplexity {100 * increase:+.2f}%" if increase is not None else "calibration perplexity"
+    what = f"{len(names)} most FP8-sensitive tensors kept in bf16 ({shown})" if names else "no tensor kept in bf16"
+    return f"; {what}: {measured} against a budget of +{100 * (budget or 0):.2f}%, {verdict}"
 
 
 def markdown(report: dict) -> str:

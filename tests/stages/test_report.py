@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from slm_cli import artifacts
+from slm_cli import report as report_mod
 from slm_cli.data import load_splits
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.heldout import completion_cross_entropy
@@ -99,8 +100,10 @@ def test_every_artifact_is_scored_on_the_teachers_test_split(slm, tmp_path, pipe
     assert "| fp8 | quantize |" in md and "FP8: not timed on CPU" in md and "val objective" not in md and "2688" not in md
     # which tensors FP8 skipped, and why, on the quantized artifact's line
     assert rows["fp8"]["keep_sensitive"]["kept"] == ["model.layers.0.self_attn.k_proj"]
-    assert ("1 most FP8-sensitive tensors kept in bf16 (`model.layers.0.self_attn.k_proj`) for calibration perplexity "
-            "+0.42% against a budget of +1.00%: met") in md
+    assert ("1 most FP8-sensitive tensors kept in bf16 (`model.layers.0.self_attn.k_proj`): calibration perplexity "
+            "+0.42% against a budget of +1.00%, met") in md
+    assert report_mod.kept_note({"mode": "auto", "kept": [], "met": True, "ppl_increase": -0.0003, "max_ppl_increase": 0.01}) == (
+        "; no tensor kept in bf16: calibration perplexity -0.03% against a budget of +1.00%, met")
     assert (out / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
