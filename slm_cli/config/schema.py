@@ -694,7 +694,9 @@ class PruneEvalConfig(QuantEvalConfig):
     """Perplexity of the source and of the saved pruned checkpoint on the same held-out text (test split),
     and how often their greedy continuations of prompts from that text repeat themselves."""
 
-    repetition_prompts: NonNegativeInt = 8  # prompts of 64 test tokens, evenly spaced, greedily continued by both models (0 = skip)
+    # prompts greedily answered by both models (0 = skip): a chat model (its tokenizer has a chat template) gets up to
+    # 8 built-in general questions in its template; any other model, prompts of 64 test tokens, evenly spaced
+    repetition_prompts: NonNegativeInt = 8
     repetition_tokens: PositiveInt = 128  # new tokens per prompt; the figure is the share of repeated 4-grams among them
 
 

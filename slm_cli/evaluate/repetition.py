@@ -11,6 +11,8 @@ already occurred earlier in the same continuation:
 1 - (k / m). The figure depends on the prompts as much as on the model: continuing raw Python-docs
 text (8 prompts of 64 tokens, 128 new tokens, n=4), dense SmolLM2-135M-Instruct already scores 70%
 (it loops on reST markup and on its own sentences), so compare models on the same prompts only.
+For a chat model, `chat_prompts` gives prompts on which a healthy model answers without looping:
+eight short general questions, each in the tokenizer's own chat template.
 """
 
 from __future__ import annotations
@@ -45,6 +47,30 @@ def text_prompts(text: str, tokenizer, count: int = 8, prompt_tokens: int = 64) 
     last = len(ids) - prompt_tokens
     starts = [round(i * last / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]
     return [ids[s : s + prompt_tokens] for s in starts]
+
+
+# Eight general questions with short factual or explanatory answers (the project's own wording).
+CHAT_QUESTIONS = (
+    "What is the capital of France, and what river runs through it?",
+    "Explain in two sentences why the sky looks blue.",
+    "Give three tips for writing a clear email to a colleague.",
+    "What is the difference between a list and a tuple in Python?",
+    "Describe how a bicycle converts pedalling into motion.",
+    "Name three planets of the solar system and one fact about each.",
+    "How do I boil an egg so that the yolk stays soft?",
+    "Why do leaves change colour in autumn?",
+)
+
+
+def chat_prompts(tokenizer, questions: Sequence[str] = CHAT_QUESTIONS) -> list[list[int]]:
+    """Each question as one user turn in the tokenizer's chat template, ready for the assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: use text_prompts for a base model")
+    return [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"])
+        for q in questions
+    ]
 
 
 @torch.no_grad()

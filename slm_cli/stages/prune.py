@@ -120,7 +120,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
     )
     from slm_cli.errors import SlmError
     from slm_cli.evaluate.perplexity import perplexity
-    from slm_cli.evaluate.repetition import greedy_repetition, text_prompts
+    from slm_cli.evaluate.repetition import chat_prompts, greedy_repetition, text_prompts
     from slm_cli.prune import count_params_after, prune_model
 
     def warn(line: str) -> None:
@@ -163,15 +163,20 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
                 max_tokens=cfg.eval.max_tokens, batch_size=cfg.eval.batch_size, progress=bar.callback,
             )
 
-    prompts = None
-    if eval_text and cfg.eval.repetition_prompts:
+    # A chat model answers the built-in questions in its own template: on those a healthy model does not loop
+    # (dense SmolLM2-135M-Instruct: 0%), while continuing raw test text it may (70% on Python docs).
+    prompts, prompt_kind = None, None
+    if eval_text and cfg.eval.repetition_prompts and getattr(tokenizer, "chat_template", None):
+        prompts, prompt_kind = chat_prompts(tokenizer)[: cfg.eval.repetition_prompts], "chat"
+    elif eval_text and cfg.eval.repetition_prompts:
         prompts = text_prompts(eval_text, tokenizer, count=cfg.eval.repetition_prompts, prompt_tokens=64)
+        prompt_kind = "text"
 
     def repetition(m, what: str) -> float | None:
         """Share of repeated 4-grams in greedy continuations of the test prompts (loops of a pruned model)."""
         if prompts is None:
             return None
-        with ui.console.status(f"greedy continuations of {len(prompts)} test prompts by {what}"):
+        with ui.console.status(f"greedy replies to {len(prompts)} {prompt_kind} prompts by {what}"):
             return greedy_repetition(m, tokenizer, prompts, max_new_tokens=cfg.eval.repetition_tokens)["repeated_ngrams"]
 
     # --- run ---------------------------------------------------------------------------------
@@ -237,6 +242,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
                 "repeated_4grams_source": repeated_source,
                 "repeated_4grams_pruned": repeated_pruned,
                 "repetition_prompts": len(prompts),
+                "repetition_prompt_kind": prompt_kind,
                 "repetition_tokens": cfg.eval.repetition_tokens,
             })
         if not math.isfinite(metrics["perplexity_pruned"]):

@@ -16,7 +16,7 @@ from slm_cli.data.corpus import load_corpus
 from slm_cli.data.text import text_fingerprint
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.perplexity import perplexity
-from slm_cli.evaluate.repetition import greedy_repetition, text_prompts
+from slm_cli.evaluate.repetition import chat_prompts, greedy_repetition, text_prompts
 from slm_cli.prune import PrunePlan, count_params, count_params_after
 from tests.stages.helpers import meta
 
@@ -105,12 +105,38 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
     assert metrics["eval_tokens"] == got["tokens"] == 255 and math.isfinite(metrics["perplexity_source"])
     assert m["pruning"]["plan"]["correction"] == "residual"
 
-    # the loop figure: repeated 4-grams of greedy continuations of 3 test prompts, recomputed here
-    prompts = text_prompts(text, tok, count=3, prompt_tokens=64)
+    # the loop figure: repeated 4-grams of greedy replies to 3 built-in questions (slm's tokenizers carry a
+    # ChatML template), recomputed here
+    prompts = chat_prompts(tok)[:3]
     rep = greedy_repetition(model, tok, prompts, max_new_tokens=24)
     assert metrics["repeated_4grams_pruned"] == pytest.approx(rep["repeated_ngrams"])
     assert 0 <= metrics["repeated_4grams_source"] <= 1 and rep["new_tokens"] > 3 * 4
     assert (metrics["repetition_prompts"], metrics["repetition_tokens"]) == (3, 24)
+    assert metrics["repetition_prompt_kind"] == "chat"
+
+
+def test_prune_repetition_continues_test_text_for_a_base_model(slm, tmp_path, sources):
+    """Without a chat template the loop figure comes from continuing prompts of 64 test tokens."""
+    src = tmp_path / "base-src"
+    tok = AutoTokenizer.from_pretrained(sources["llama"])
+    assert tok.chat_template  # slm's own tokenizers carry ChatML; this source is a base model's
+    tok.chat_template = None
+    AutoModelForCausalLM.from_pretrained(sources["llama"]).save_pretrained(src)
+    tok.save_pretrained(src)
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    artifacts.write_metadata(src, stage="student", config={}, parents=[], metrics={})
+    out = tmp_path / "pruned"
+    assert slm("prune", f"model.name_or_path={src}", "prune.keep_ffn=0.5", "prune.local_search_iters=2", *FAST,
+               f"output_dir={out}") == 0
+    metrics = meta(out)["metrics"]
+    assert metrics["repetition_prompt_kind"] == "text" and metrics["repetition_prompts"] == 3
+
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    assert not reloaded_tok.chat_template
+    prompts = text_prompts(load_corpus("shakespeare", "test"), reloaded_tok, count=3, prompt_tokens=64)
+    rep = greedy_repetition(pruned, reloaded_tok, prompts, max_new_tokens=24)
+    assert metrics["repeated_4grams_pruned"] == pytest.approx(rep["repeated_ngrams"])
 
 
 def _stored_dtypes(folder) -> set[str]:

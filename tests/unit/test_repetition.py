@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from slm_cli.evaluate.repetition import greedy_repetition, repeated_ngram_fraction, repeated_ngrams, text_prompts
+from slm_cli.evaluate.repetition import (
+    CHAT_QUESTIONS, chat_prompts, greedy_repetition, repeated_ngram_fraction, repeated_ngrams, text_prompts,
+)
 
 
 def test_repeated_ngrams_by_hand():
@@ -57,3 +59,21 @@ def test_greedy_repetition_counts_the_generated_tokens_only():
     assert got["new_tokens"] == sum(len(r) for r in rows)
     assert got["repeated_ngrams"] == pytest.approx(repeated_ngram_fraction(rows, 4))
     assert got["prompts"] == 2 and got["n"] == 4
+
+
+def test_chat_prompts_put_each_question_in_the_template_and_refuse_a_base_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(set("".join(CHAT_QUESTIONS) + "<>asirtnu \n")))}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_prompts(tok)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    prompts = chat_prompts(tok, questions=CHAT_QUESTIONS[:2])
+    assert [tok.decode(p).replace(" ", "") for p in prompts] == [
+        ("<user>" + q + "<assistant>").replace(" ", "") for q in CHAT_QUESTIONS[:2]
+    ]
+    assert len(chat_prompts(tok)) == len(CHAT_QUESTIONS) == 8
