@@ -48,7 +48,11 @@ serve-check: ## load ARTIFACT=<folder> in vLLM and generate (own venv with vllm-
 	@test -n "$(ARTIFACT)" || { echo "usage: make serve-check ARTIFACT=<artifact folder>" >&2; exit 2; }
 	bash bench/serve_check.sh "$(ARTIFACT)"
 
+gpu-check: $(if $(DRY),setup ops) ## CUDA check (bench/gpu_check.py): every training stage in bf16, fused loss, FP8, pytest -m gpu; DRY=1: on CPU
+	# no setup on the GPU machine: a bare image runs the carried wheels (bench/gpu_wheels.sh), so use .venv only where it exists
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench/gpu_check.py $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
+
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun runs
 
-.PHONY: help setup smollm2 ops demo test test-all bench serve-check clean
+.PHONY: help setup smollm2 ops demo test test-all bench serve-check gpu-check clean
