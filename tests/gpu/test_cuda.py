@@ -46,9 +46,11 @@ def _tiny_llama():
 
 def _loss_and_grads(model, input_ids, attention_mask):
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # padding is never a target, as in slm's batches
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     out.loss.backward()
-    return out.logits.detach().cpu(), out.loss.detach().cpu(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+    logits = out.logits.detach().cpu()[attention_mask.cpu() == 1]  # what a padded query sees is undefined: not compared
+    return logits, out.loss.detach().cpu(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
 
 
 def test_tiny_llama_forward_backward_on_cuda_equals_cpu():
@@ -61,7 +63,7 @@ def test_tiny_llama_forward_backward_on_cuda_equals_cpu():
     cpu_logits, cpu_loss, cpu_grads = _loss_and_grads(model.train(), input_ids, attention_mask)
 
     model = model.cuda().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})  # as slm_cli/engine/loop.py
     logits, loss, grads = _loss_and_grads(model, input_ids.cuda(), attention_mask.cuda())
 
     torch.testing.assert_close(logits, cpu_logits, rtol=1e-4, atol=1e-4)
@@ -99,7 +101,7 @@ def test_fused_loss_on_cuda_equals_cpu(divergence, beta):
         sh.requires_grad_(), sw.requires_grad_()
         loss, parts = fused_linear_distillation_loss(sh, sw, th, tw, labels.to(device), **kwargs)
         loss.backward()
-        return float(loss), float(parts["kd"]), sh.grad.cpu(), sw.grad.cpu()
+        return float(loss.detach()), float(parts["kd"]), sh.grad.cpu(), sw.grad.cpu()
 
     cpu, cuda = run("cpu"), run("cuda")
     assert cuda[0] == pytest.approx(cpu[0], rel=1e-5)
@@ -124,6 +126,7 @@ def test_fp8_scaled_mm_on_cuda_equals_its_definition():
     x_fp8, w_fp8 = (x / x_scale).to(torch.float8_e4m3fn), (w / w_scale).to(torch.float8_e4m3fn)
     expected = (x_fp8.float() * x_scale) @ (w_fp8.float() * w_scale).t()
     a, sa, b, sb = (t.cuda() for t in (x_fp8, x_scale, w_fp8, w_scale))
-    got = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.float32).cpu()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # row-wise scales (one per token, one per channel) need a bf16 output on CUDA: compare within its rounding
+    got = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16).float().cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
     assert float((got - x @ w.t()).norm() / (x @ w.t()).norm()) < 0.08  # and FP8's own rounding costs a few %
