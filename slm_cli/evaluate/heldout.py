@@ -142,8 +142,8 @@ def evaluate_artifact(path: str, data: HeldoutData, progress: Callable[[int, int
         )
         out.update({"exact_match": result["exact_match"], "n": result["n"]})
     elif data.metric == "auc":
-        choices = getattr(data.eval_data.task, "choices", (" Yes", " No"))
-        result = yes_no_auc(model, tokenizer, data.eval_data.examples, batch_size=s["batch_size"], choices=choices)
+        result = yes_no_auc(model, tokenizer, data.eval_data.examples, batch_size=s["batch_size"],
+                            choices=data.eval_data.choices)
         out.update({"auc": result["auc"], "accuracy": result["accuracy"], "n": result["n"]})
     del model
     return out

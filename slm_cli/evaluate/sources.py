@@ -7,6 +7,9 @@
   * any prompt/completion or chat records, on request (eval.metric=completion_ce): the mean
     cross-entropy of the completion tokens, encoded as training encodes them (the number
     `slm report` shows for every artifact);
+  * a user file of prompt/completion records that all carry a 0/1 `label`, where every label-1 record
+    has one completion and every label-0 record another (e.g. " Yes" / " No"): a predictive task ->
+    AUC of log p(positive completion) - log p(negative completion), and accuracy;
   * a user file: `{"text"}` records -> perplexity of their text joined by blank lines;
     the text of a split (corpus or file) is slm_cli/data/text.py's `split_text`, the one that
     `slm prune` and `slm quantize` score, and always the whole split (eval.max_tokens cuts tokens);
@@ -49,16 +52,40 @@ class EvalData:
     task: Any = None  # the built-in task (scoring, few-shot examples), None for user data and corpora
     examples: list[dict] = field(default_factory=list)
     text: str = ""
+    label_choices: tuple[str, str] | None = None  # user predictive data: (completion of label 1, of label 0)
+
+    @property
+    def choices(self) -> tuple[str, str]:
+        """The two answers a predictive source scores against each other: (positive, negative)."""
+        if self.task is not None:
+            return tuple(self.task.choices)
+        return self.label_choices or (" Yes", " No")
 
     @property
     def size(self) -> str:
         return f"{len(self.text):,} characters" if self.kind == "text" else f"{len(self.examples)} examples"
 
 
+def label_choices(records: list[dict]) -> tuple[str, str] | None:
+    """(positive, negative) completion when `records` are predictive: prompt/completion strings, every one
+    with a 0/1 `label`, one completion for all label-1 records and another for all label-0 ones; else None."""
+    by_label: dict[int, set] = {0: set(), 1: set()}
+    for r in records:
+        label, completion = r.get("label"), r.get("completion")
+        if label not in (0, 1, True, False) or not isinstance(completion, str) or not isinstance(r.get("prompt"), str):
+            return None
+        by_label[int(label)].add(completion)
+    if len(by_label[1]) == 1 and len(by_label[0]) == 1 and by_label[1] != by_label[0]:
+        return next(iter(by_label[1])), next(iter(by_label[0]))
+    return None
+
+
 def _user_kind(records: list[dict], source: str) -> str:
     shapes = {record_shape(r) for r in records}
     if shapes == {"text"}:
         return "text"
+    if shapes == {"prompt_completion"} and label_choices(records):
+        return "predictive"
     if shapes <= {"prompt_completion", "messages"} and shapes:
         return "generative"
     raise DataError(
@@ -83,7 +110,8 @@ def load_eval_data(source: str, split: str, size: int | None, seed: int, val_fra
     kind = _user_kind(records, source)
     if kind == "text":
         return EvalData(source, split, "text", text=split_text(source, split, seed, val_fraction))
-    return EvalData(source, split, kind, examples=records)
+    choices = label_choices(records) if kind == "predictive" else None
+    return EvalData(source, split, kind, examples=records, label_choices=choices)
 
 
 def choose_metric(data: EvalData, requested: str) -> str:
@@ -97,5 +125,7 @@ def choose_metric(data: EvalData, requested: str) -> str:
         raise DataError(
             f"eval.metric={requested} does not fit data.source={data.source} ({data.kind} data); "
             f"use eval.metric={' or '.join(fits)}, or auto."
+            + (" AUC needs predictive records: each with a 0/1 `label`, one completion shared by every label-1 record "
+               "and another by every label-0 record (e.g. \" Yes\" / \" No\")." if requested == "auc" else "")
         )
     return requested

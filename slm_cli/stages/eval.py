@@ -121,8 +121,8 @@ def run(cfg: EvalStageConfig, resolved: dict) -> dict:
             )
             rows = []
         else:
-            choices = getattr(data.task, "choices", (" Yes", " No"))
-            result = yes_no_auc(model, tokenizer, data.examples, batch_size=cfg.eval.batch_size, choices=choices, progress=advance)
+            result = yes_no_auc(model, tokenizer, data.examples, batch_size=cfg.eval.batch_size, choices=data.choices,
+                                progress=advance)
             scores = result.pop("scores")
             rows = [{"prompt": ex["prompt"], "label": ex["label"], "log_odds": s} for ex, s in zip(data.examples, scores)]
     seconds = time.time() - started

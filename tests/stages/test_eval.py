@@ -106,6 +106,35 @@ def test_yes_no_auc_on_a_predictive_task(slm, tmp_path, tiny_artifact):
     assert r["metrics"]["auc"] == pytest.approx(direct["auc"]) and r["metrics"]["accuracy"] == pytest.approx(direct["accuracy"])
 
 
+def test_a_users_labelled_jsonl_is_scored_by_auc_with_its_own_answers(slm, tmp_path, tiny_artifact):
+    """prompt/completion records with a 0/1 label and one answer per label are predictive data: AUC by default,
+    scoring the file's own two answers (here " True" / " False"), exactly as yes_no_auc computes it."""
+    data = tmp_path / "mine"
+    data.mkdir()
+    examples = TASKS["arithmetic_yesno"].examples("test", 12, 0)
+    rows = [{"prompt": ex["prompt"], "completion": " True" if ex["label"] else " False", "label": ex["label"]}
+            for ex in examples]
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "auc"
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "data=jsonl", f"data.source={data}", f"output_dir={out}") == 0
+    r = report(out)
+    assert r["metric"] == "auc" and r["metrics"]["n"] == 12 and r["metrics"]["positives"] == 6
+    model, tok = load(tiny_artifact)
+    direct = yes_no_auc(model, tok, rows, choices=(" True", " False"))
+    assert r["metrics"]["auc"] == pytest.approx(direct["auc"]) and r["metrics"]["accuracy"] == pytest.approx(direct["accuracy"])
+    assert direct["auc"] != pytest.approx(yes_no_auc(model, tok, rows)["auc"])  # not the default " Yes" / " No"
+
+    # labels beside free-form completions stay generative: exact match, and AUC asked for is refused by name
+    (data / "test.jsonl").write_text("".join(json.dumps({**r, "completion": f" answer {i}"}) + "\n" for i, r in enumerate(rows)))
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "data=jsonl", f"data.source={data}", "eval.max_new_tokens=2",
+               f"output_dir={tmp_path / 'em'}") == 0
+    assert report(tmp_path / "em")["metric"] == "exact_match"
+    assert slm("eval", f"model.name_or_path={tiny_artifact}", "data=jsonl", f"data.source={data}", "eval.metric=auc",
+               f"output_dir={tmp_path / 'no'}") == 2
+    assert not (tmp_path / "no").exists()
+
+
 def test_gguf_file_is_evaluated_directly(slm, tmp_path, tiny_artifact):
     from tests.unit.test_pretrained import write_llama_gguf
 
