@@ -172,12 +172,13 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         prompts = text_prompts(eval_text, tokenizer, count=cfg.eval.repetition_prompts, prompt_tokens=64)
         prompt_kind = "text"
 
-    def repetition(m, what: str) -> float | None:
-        """Share of repeated 4-grams in greedy continuations of the test prompts (loops of a pruned model)."""
+    def repetition(m, what: str) -> dict | None:
+        """Share of repeated 4-grams in greedy replies to the prompts (loops of a pruned model), and the tokens
+        generated: a model that answers with EOS at once scores 0 repeats over 0 tokens, which is no health sign."""
         if prompts is None:
             return None
         with ui.console.status(f"greedy replies to {len(prompts)} {prompt_kind} prompts by {what}"):
-            return greedy_repetition(m, tokenizer, prompts, max_new_tokens=cfg.eval.repetition_tokens)["repeated_ngrams"]
+            return greedy_repetition(m, tokenizer, prompts, max_new_tokens=cfg.eval.repetition_tokens)
 
     # --- run ---------------------------------------------------------------------------------
     ppl_source = score(model, "the source") if eval_text else None
@@ -239,8 +240,10 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
         })
         if repeated_source is not None:
             metrics.update({
-                "repeated_4grams_source": repeated_source,
-                "repeated_4grams_pruned": repeated_pruned,
+                "repeated_4grams_source": repeated_source["repeated_ngrams"],
+                "repeated_4grams_pruned": repeated_pruned["repeated_ngrams"],
+                "repetition_new_tokens_source": repeated_source["new_tokens"],
+                "repetition_new_tokens_pruned": repeated_pruned["new_tokens"],
                 "repetition_prompts": len(prompts),
                 "repetition_prompt_kind": prompt_kind,
                 "repetition_tokens": cfg.eval.repetition_tokens,

@@ -110,6 +110,7 @@ def test_prune_writes_a_standard_smaller_checkpoint(slm, tmp_path, sources, kind
     prompts = chat_prompts(tok)[:3]
     rep = greedy_repetition(model, tok, prompts, max_new_tokens=24)
     assert metrics["repeated_4grams_pruned"] == pytest.approx(rep["repeated_ngrams"])
+    assert metrics["repetition_new_tokens_pruned"] == rep["new_tokens"] and metrics["repetition_new_tokens_source"] > 0
     assert 0 <= metrics["repeated_4grams_source"] <= 1 and rep["new_tokens"] > 3 * 4
     assert (metrics["repetition_prompts"], metrics["repetition_tokens"]) == (3, 24)
     assert metrics["repetition_prompt_kind"] == "chat"
