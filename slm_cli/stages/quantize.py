@@ -199,8 +199,9 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         **{k: v for k, v in sizes.items() if k != "quantized_layers"},
         "max_rel_weight_error": max((r["max_rel_error"] for r in errors), default=0.0),
         "mean_rel_weight_error": sum(r["mean_rel_error"] for r in errors) / max(len(errors), 1),
-        "calibration_rows": 0 if calib is None else sum(len(b) for b in calib),
-        "calibration_seq_len": cfg.calibration.seq_len if calib is not None else 0,
+        # rows of calibration text read: fp8_static's activation scales and quant.keep_sensitive's choice use them
+        "calibration_rows": 0 if rows is None else int(rows.shape[0]),
+        "calibration_seq_len": int(rows.shape[1]) if rows is not None else 0,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     if selection is not None:

@@ -87,7 +87,9 @@ def test_scheme_round_trip(slm, tmp_path, source, scheme):
     assert math.isfinite(metrics["perplexity_fp8"]) and abs(metrics["perplexity_increase_pct"]) < 1.0
     assert metrics["quantized_ratio"] < 0.55 and metrics["total_bytes"] < metrics["total_bf16_bytes"]
     assert 0 < metrics["max_rel_weight_error"] <= 2.0**-4  # round-to-nearest with 3 mantissa bits
-    assert metrics["calibration_rows"] == (4 if scheme == "fp8_static" else 0)
+    # rows read: fp8_static's scales and the default quant.keep_sensitive=auto's choice both use calibration text
+    assert metrics["calibration_rows"] == (4 if scheme == "fp8_static" or "kept_bf16" in metrics else 0)
+    assert metrics["calibration_rows"] == m["calibration"]["rows"] if "calibration" in m else metrics["calibration_rows"] == 0
     report = json.loads((out / "quantization.json").read_text())
     rows = {r["name"]: r for r in report["layers"]}
     assert rows[q]["quantized"] and rows[q]["max_rel_error"] <= 2.0**-4 and not rows["lm_head"]["quantized"]
