@@ -20,7 +20,27 @@ def setup_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if world_size() == 1 and not _initialized() and not port_free(int(os.environ["MASTER_PORT"])):
+        # a one-process run binds the rendezvous port itself: a MASTER_PORT inherited from a parent process
+        # (or an old `export`) whose port is taken would fail with EADDRINUSE, so take a free one
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def port_free(port: int) -> bool:
+    """True when a TCP server could listen on 127.0.0.1:`port` now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def rank() -> int:
