@@ -80,11 +80,11 @@ def label_choices(records: list[dict]) -> tuple[str, str] | None:
     return None
 
 
-def _user_kind(records: list[dict], source: str) -> str:
+def _user_kind(records: list[dict], source: str, choices: tuple[str, str] | None) -> str:
     shapes = {record_shape(r) for r in records}
     if shapes == {"text"}:
         return "text"
-    if shapes == {"prompt_completion"} and label_choices(records):
+    if shapes == {"prompt_completion"} and choices:
         return "predictive"
     if shapes <= {"prompt_completion", "messages"} and shapes:
         return "generative"
@@ -107,11 +107,11 @@ def load_eval_data(source: str, split: str, size: int | None, seed: int, val_fra
     records = load_splits(source, val_size=size, test_size=size, train_size=1, val_fraction=val_fraction, seed=seed)[split]
     if not records:
         raise DataError(f"data.source={source}: the {split} split is empty.")
-    kind = _user_kind(records, source)
+    choices = label_choices(records)
+    kind = _user_kind(records, source, choices)
     if kind == "text":
         return EvalData(source, split, "text", text=split_text(source, split, seed, val_fraction))
-    choices = label_choices(records) if kind == "predictive" else None
-    return EvalData(source, split, kind, examples=records, label_choices=choices)
+    return EvalData(source, split, kind, examples=records, label_choices=choices if kind == "predictive" else None)
 
 
 def choose_metric(data: EvalData, requested: str) -> str:

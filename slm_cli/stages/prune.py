@@ -164,7 +164,7 @@ def run(cfg: PruneStageConfig, resolved: dict) -> dict:
             )
 
     # A chat model answers the built-in questions in its own template: on those a healthy model does not loop
-    # (dense SmolLM2-135M-Instruct: 0%), while continuing raw test text it may (70% on Python docs).
+    # (dense SmolLM2-135M-Instruct: 9.7% of 4-grams), while continuing raw test text it may (70% on Python docs).
     prompts, prompt_kind = None, None
     if eval_text and cfg.eval.repetition_prompts and getattr(tokenizer, "chat_template", None):
         prompts, prompt_kind = chat_prompts(tokenizer)[: cfg.eval.repetition_prompts], "chat"
