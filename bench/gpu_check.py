@@ -21,7 +21,7 @@ The checks (each recorded as ok, failed or skipped, with its seconds and numbers
    memory of each. Fails if they disagree or the fused loss does not use less memory.
 3. ``fp8_matmul``: the matmul an FP8 checkpoint (``quant=fp8_dynamic``) is served with.
    SmolLM2-135M's MLP shapes (576 -> 1536 and back) at 4096 tokens: weights quantized to
-   float8_e4m3fn with one scale per output channel (``slm_cli.quant.fp8.weight_qparams``, the
+   float8_e4m3fn with one scale per output channel (``slm_cli.quant.schemes.weight_qparams``, the
    scales slm writes), activations with one scale per token (absmax / 448), multiplied by
    ``torch._scaled_mm``; compared with the bf16 matmul of the same weights, both against a
    float32 reference (max abs and relative error), with the time of each. Skipped, with the
@@ -336,7 +336,7 @@ def _fp8_operands(x, weight):
     """
     import torch
 
-    from slm_cli.quant.fp8 import get_scheme, weight_qparams
+    from slm_cli.quant.schemes import get_scheme, weight_qparams
 
     w_scale, _ = weight_qparams(weight.float(), get_scheme("fp8_dynamic").weights)
     w_scale = w_scale.float().reshape(-1, 1)

@@ -263,7 +263,8 @@ def artifact_numbers(node: dict, heldout: dict | None = None, bench_result: dict
 
     Keys: params, weights_bytes (measured on disk); heldout.<ce|perplexity|exact_match|auc|accuracy>
     (measured here); as recorded in slm.json: val_loss, val_ce, eval.<source>.<metric>,
-    quantize.perplexity_fp8 / perplexity_source / perplexity_increase_pct; from `slm bench` (a
+    quantize.perplexity_fp8 (FP8) or perplexity_quantized (INT8 / INT4) / perplexity_source /
+    perplexity_increase_pct; from `slm bench` (a
     results folder named, else slm.json metrics.bench): bench.<latency_ms|decode_tokens_per_s|
     peak_memory_mb>, bench.reuse_speedup, bench.note.
     """
@@ -288,8 +289,8 @@ def artifact_numbers(node: dict, heldout: dict | None = None, bench_result: dict
         for key in EVAL_KEYS:
             if isinstance(values, dict) and values.get(key) is not None:
                 out[f"eval.{source}.{key}"] = values[key]
-    for key in ("perplexity_fp8", "perplexity_source", "perplexity_increase_pct"):
-        if m.get(key) is not None:
+    for key in ("perplexity_fp8", "perplexity_quantized", "perplexity_source", "perplexity_increase_pct"):
+        if m.get(key) is not None and not (key == "perplexity_quantized" and "perplexity_fp8" in m):
             out[f"quantize.{key}"] = m[key]
     for key in BENCH_KEYS:
         if bench.get(key) is not None:

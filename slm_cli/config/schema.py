@@ -409,14 +409,15 @@ class DistillStageConfig(TrainStageConfig):
         return out
 
 
-FP8_SCHEMES = ("fp8_dynamic", "fp8_static", "fp8_weight_only", "fp8_block")  # = slm_cli.quant.fp8.SCHEMES
+QUANT_SCHEMES = ("fp8_dynamic", "fp8_static", "fp8_weight_only", "fp8_block", "w8a8_int8", "w4a16")  # = slm_cli.quant.schemes.SCHEMES
+WEIGHT_ROUNDING = ("gptq", "rtn")
 
 
 @dataclass
 class QuantConfig:
-    """Which FP8 scheme, which Linear layers stay in float, and how the FP8 model is judged."""
+    """Which scheme, which Linear layers stay in float, and how the quantized model is judged."""
 
-    scheme: str = "fp8_dynamic"  # fp8_dynamic | fp8_static | fp8_weight_only | fp8_block (see slm_cli/quant/fp8.py)
+    scheme: str = "fp8_dynamic"  # fp8_dynamic | fp8_static | fp8_weight_only | fp8_block | w8a8_int8 | w4a16 (see slm_cli/quant/schemes.py)
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])  # Linear layers kept in float: names or 're:' regexes
     save_dtype: str = "bfloat16"  # dtype of every tensor that stays unquantized (embeddings, norms, ignored layers)
     fake_quant_eval: bool = False  # judge quality through an in-memory fake-quantized model instead of reloading the checkpoint
@@ -426,6 +427,10 @@ class QuantConfig:
     max_keep_fraction: Annotated[float, Range(ge=0, le=1)] = 0.03  # byte cap: at most this fraction of the quantizable Linear weights stays bf16
     sensitivity_tokens: Annotated[int, Range(ge=2)] = 2048  # calibration tokens of the per-tensor sensitivity pass (the joint check uses every calibration row)
     sensitivity: str = "fisher"  # how each tensor's sensitivity is measured: fisher (one forward+backward for all tensors) | kl (one forward per tensor, exact; slow on CPU)
+    group_size: Annotated[Union[int, str], Range(ge=1)] = "auto"  # w4a16: inputs sharing one scale: auto (largest of 128/64/32 dividing every input width) | N
+    rounding: str = "gptq"  # w4a16: how weights are rounded: gptq (calibrated, slm_cli/quant/gptq.py) | rtn (round to nearest)
+    gptq_damp: Annotated[float, Range(gt=0, le=1)] = 0.01  # GPTQ's damping, a fraction of mean(diag H)
+    smoothing_strength: Annotated[float, Range(ge=0, le=1)] = 0.0  # w8a8_int8: SmoothQuant alpha, activation outliers moved into the weights (0 = off)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
@@ -441,7 +446,21 @@ class QuantConfig:
             out,
         )
         _problems_if(
-            self.scheme not in FP8_SCHEMES, f"{where}.scheme={self.scheme!r}: choose one of {', '.join(FP8_SCHEMES)}", out
+            self.scheme not in QUANT_SCHEMES, f"{where}.scheme={self.scheme!r}: choose one of {', '.join(QUANT_SCHEMES)}", out
+        )
+        _problems_if(
+            self.rounding not in WEIGHT_ROUNDING,
+            f"{where}.rounding={self.rounding!r}: choose one of {', '.join(WEIGHT_ROUNDING)}", out,
+        )
+        group = str(self.group_size).strip().lower()
+        _problems_if(
+            not (group == "auto" or group.isdigit() and int(group) > 0),
+            f"{where}.group_size={self.group_size!r}: use auto or a positive number of inputs (e.g. 128)", out,
+        )
+        _problems_if(
+            self.smoothing_strength > 0 and self.scheme != "w8a8_int8",
+            f"{where}.smoothing_strength={self.smoothing_strength} smooths INT8 activations; it needs "
+            f"quant.scheme=w8a8_int8 (got {self.scheme}), or set it to 0", out,
         )
         _problems_if(
             self.save_dtype not in ("bfloat16", "float16"),
@@ -488,7 +507,7 @@ class QuantEvalConfig:
 
 @dataclass
 class QuantizeStageConfig:
-    """`slm quantize`: an FP8 checkpoint (compressed-tensors) of an artifact, checked and measured."""
+    """`slm quantize`: a quantized checkpoint (compressed-tensors) of an artifact, checked and measured."""
 
     stage: str = "quantize"  # which stage this config drives (set by the stage's YAML)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="???"))  # the artifact to quantize: model.name_or_path=<folder> (dtype: the source is loaded and evaluated in it; scales come from these weights)

@@ -303,6 +303,7 @@ def _input_groups(layer: nn.Module, modules: list[tuple[str, nn.Module]], inputs
 @torch.no_grad()
 def gptq_model(model: nn.Module, batches: Iterable, args: QuantizationArgs, ignore: list[str], *,
                damp: float = 0.01, method: str = "gptq", block_size: int = 128, act_order: bool = False,
+               scale_dtype: torch.dtype | None = None,
                progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Quantize every targeted Linear of ``model``'s decoder layers in place; one result dict per module.
 
@@ -316,6 +317,7 @@ def gptq_model(model: nn.Module, batches: Iterable, args: QuantizationArgs, igno
     Each dict: name, layer (decoder layer index), error_rtn and error_gptq (relative output errors
     on the module's own calibration inputs, ``layer_error``; error_gptq is None for method="rtn"),
     error (that of the weights written), scale (out, in/g) and zero_point (out, in/g).
+    scale_dtype: the dtype the checkpoint stores the scales in (default: the weight's), see ``rtn_quantize``.
     ``progress(done, total)`` is called after each decoder layer.
     """
     if method not in METHODS:
@@ -349,7 +351,8 @@ def gptq_model(model: nn.Module, batches: Iterable, args: QuantizationArgs, igno
                     H = layer_input_stats(layer, group[0][1], inputs, i).gram
                     for name, module in group:
                         results.append(_quantize_module(name, i, module, H, args, damp=damp, method=method,
-                                                        block_size=block_size, act_order=act_order))
+                                                        block_size=block_size, act_order=act_order,
+                                                        scale_dtype=scale_dtype))
                     del H
             if i + 1 < len(layers):
                 advance(layer, inputs, i)
@@ -361,16 +364,17 @@ def gptq_model(model: nn.Module, batches: Iterable, args: QuantizationArgs, igno
 
 
 def _quantize_module(name: str, layer: int, module: nn.Module, H: Tensor, args: QuantizationArgs, *,
-                     damp: float, method: str, block_size: int, act_order: bool) -> dict:
+                     damp: float, method: str, block_size: int, act_order: bool,
+                     scale_dtype: torch.dtype | None = None) -> dict:
     """Quantize one Linear in place by ``method``; its result dict (see ``gptq_model``)."""
     W = module.weight.detach()
-    W_rtn, scale, zero_point = rtn_quantize(W, args)
+    W_rtn, scale, zero_point = rtn_quantize(W, args, scale_dtype=scale_dtype)
     error_rtn = layer_error(W, W_rtn, H)
     error_gptq = None
     W_hat = W_rtn
     if method == "gptq":
         W_hat, scale, zero_point = gptq_quantize(W, H, args, damp=damp, block_size=block_size,
-                                                 act_order=act_order)
+                                                 act_order=act_order, scale_dtype=scale_dtype)
         error_gptq = layer_error(W, W_hat, H)
     module.weight.copy_(W_hat)
     error = error_rtn if error_gptq is None else error_gptq

@@ -1,14 +1,16 @@
-"""What FP8 costs and saves: per-layer weight error, bytes on disk, a fake-quantized model.
+"""What quantization costs and saves: per-layer weight error, bytes on disk, a fake-quantized model.
 
 Weight error is measured from the saved checkpoint itself, dequantizing Ŵ = Q · s with
-the scale broadcast over its group (row, whole tensor, or 128×128 tile), against the
-source weights W:
+the scale broadcast over its group (row, whole tensor, 128×128 tile, or run of g inputs;
+4-bit weights are unpacked from their int32 words first), against the source weights W:
 
 * ``mean_rel_error`` = Σ|Ŵ − W| / Σ|W|, the relative L1 error of the layer.
-* ``max_rel_error``  = max |Ŵ − W| / |W| over the entries that land in E4M3's normal
-  range (|W| / s ≥ 2^-6). With 3 mantissa bits, round-to-nearest keeps that below
-  2^-4 = 6.25%; smaller entries fall into subnormals whose relative error is unbounded
-  (they are tiny in absolute terms), so they are left out of the maximum.
+* ``max_rel_error``  = max |Ŵ − W| / |W| over the entries the format represents with a
+  bounded relative error: for FP8, E4M3's normal range (|W| / s ≥ 2^-6), where 3 mantissa
+  bits keep round-to-nearest below 2^-4 = 6.25%; for integers, |W| ≥ s (one step), where
+  round-to-nearest stays below 50%. Smaller entries (FP8 subnormals, integer zero) have an
+  unbounded relative error while tiny in absolute terms, so they are left out of the maximum.
+  GPTQ rounds away from the nearest level on purpose, so its maximum can pass that bound.
 * ``rel_l2_error``   = ‖Ŵ − W‖_F / ‖W‖_F.
 
 On CPUs FP8 is a storage format only (no FP8 matmul kernels; emulation is far slower
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.quantization import QuantizationStatus, fake_quantize
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.quantization.utils import is_module_quantized
 from safetensors import safe_open
 
-from slm_cli.quant.checks import FP8_DTYPE, read_tensor_index
-from slm_cli.quant.fp8 import BLOCK_SIZE, quantize_fp8, read_quantization_config
+from slm_cli.quant.checks import FP8_DTYPE, QUANTIZED_DTYPES, read_tensor_index
+from slm_cli.quant.schemes import BLOCK_SIZE, quantize_model, read_quantization_config
 
 __all__ = [
     "FP8_MIN_NORMAL",
@@ -50,16 +53,35 @@ _ITEMSIZE = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8
 
 
 def _block_structure(out_dir: Path) -> tuple[int, int]:
+    """The tile one scale covers: a block (bh, bw), or (1, g) for groups of g inputs."""
     for group in (read_quantization_config(out_dir).get("config_groups") or {}).values():
-        block = (group.get("weights") or {}).get("block_structure")
-        if block:
-            return tuple(block)
+        weights = group.get("weights") or {}
+        if weights.get("block_structure"):
+            return tuple(weights["block_structure"])
+        if weights.get("strategy") == "group" and weights.get("group_size"):
+            return (1, int(weights["group_size"]))
     return (BLOCK_SIZE, BLOCK_SIZE)
+
+
+def _num_bits(out_dir: Path) -> int:
+    for group in (read_quantization_config(out_dir).get("config_groups") or {}).values():
+        return int((group.get("weights") or {}).get("num_bits", 8))
+    return 8
+
+
+def _stored_weights(index: dict) -> dict[str, str]:
+    """Module -> the tensor holding its quantized weight (``weight`` or ``weight_packed``)."""
+    found = {}
+    for name, (dtype, _, _) in index.items():
+        module, _, leaf = name.rpartition(".")
+        if (leaf == "weight" and dtype in QUANTIZED_DTYPES) or leaf == "weight_packed":
+            found[module] = name
+    return found
 
 
 def expand_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
     """Broadcast a stored scale to the weight's shape: scalar, per row (out, 1), or per
-    block (each entry repeated over its bh×bw tile, cropped at the edges)."""
+    block / group (each entry repeated over its bh×bw tile, cropped at the edges)."""
     rows, cols = shape
     if scale.numel() == 1:
         return scale.reshape(1, 1).expand(rows, cols)
@@ -88,33 +110,35 @@ def _source_weights(source) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def weight_error_report(source, fp8_dir: str | os.PathLike) -> list[dict]:
-    """Per quantized layer of ``fp8_dir``: max, mean and L2 relative error of its
+def weight_error_report(source, quant_dir: str | os.PathLike) -> list[dict]:
+    """Per quantized layer of ``quant_dir``: max, mean and L2 relative error of its
     dequantized weight against the source (a float model or a checkpoint folder)."""
-    fp8_dir = Path(fp8_dir)
-    index = read_tensor_index(fp8_dir)
-    block = _block_structure(fp8_dir)
+    quant_dir = Path(quant_dir)
+    index = read_tensor_index(quant_dir)
+    block = _block_structure(quant_dir)
+    bits = _num_bits(quant_dir)
     src = _source_weights(source)
     rows = []
-    for name, (dtype, shape, path) in index.items():
-        if dtype != FP8_DTYPE or not name.endswith(".weight"):
-            continue
-        module = name.removesuffix(".weight")
+    for module, stored in _stored_weights(index).items():
+        name = f"{module}.weight"
         if name not in src:
-            raise KeyError(f"source has no tensor {name!r}; is it the model {fp8_dir} was made from?")
-        with safe_open(path, framework="pt") as f:
-            q = f.get_tensor(name)
-            scale = f.get_tensor(f"{module}.weight_scale")
+            raise KeyError(f"source has no tensor {name!r}; is it the model {quant_dir} was made from?")
         w = src[name].float()
+        with safe_open(index[stored][2], framework="pt") as f:
+            q = f.get_tensor(stored)
+            scale = f.get_tensor(f"{module}.weight_scale")
+        if stored.endswith("weight_packed"):
+            q = unpack_from_int32(q, bits, w.shape)
         w_hat = dequantize_weight(q, scale, block)
         err = (w_hat - w).abs()
-        s = expand_scale(scale.float(), tuple(shape), block)
-        normal = w.abs() >= s * FP8_MIN_NORMAL
+        s = expand_scale(scale.float(), tuple(w.shape), block)
+        fp8 = index[stored][0] == FP8_DTYPE
+        normal = w.abs() >= s * (FP8_MIN_NORMAL if fp8 else 1.0)
         rel = err[normal] / w.abs()[normal]
         rows.append(
             {
                 "name": module,
-                "shape": tuple(shape),
+                "shape": tuple(w.shape),
                 "max_rel_error": rel.max().item() if rel.numel() else 0.0,
                 "mean_rel_error": (err.sum() / w.abs().sum().clamp_min(1e-30)).item(),
                 "rel_l2_error": (torch.linalg.norm(w_hat - w) / torch.linalg.norm(w).clamp_min(1e-30)).item(),
@@ -131,29 +155,34 @@ def _tensor_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     return n * _ITEMSIZE[dtype]
 
 
-def checkpoint_size_report(fp8_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> dict:
-    """Bytes of the FP8 checkpoint against a bf16 copy of the same model.
+def checkpoint_size_report(quant_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None) -> dict:
+    """Bytes of the quantized checkpoint against a bf16 copy of the same model.
 
-    ``quantized_*`` counts only the quantized Linear layers: their float8 weights plus
-    scales, against the same weights at 2 bytes each (expect ≈ 0.5 + scale overhead,
-    e.g. 0.5 + 1/in for bf16 per-channel scales). ``total_*`` counts every tensor; the
-    bf16 total is the actual size of ``source_dir`` when given, else every non-scale
-    tensor at 2 bytes. File bytes include the safetensors headers.
+    ``quantized_*`` counts only the quantized Linear layers: their float8 / int8 / packed
+    int4 weights plus scales, against the same weights at 2 bytes each (expect ≈ 0.5 + scale
+    overhead for 8 bits, e.g. 0.5 + 1/in for bf16 per-channel scales; ≈ 0.25 + 1/g for
+    4-bit groups of g with bf16 scales). ``total_*`` counts every tensor; the bf16 total is
+    the actual size of ``source_dir`` when given, else every weight at 2 bytes. File bytes
+    include the safetensors headers.
     """
-    fp8_dir = Path(fp8_dir)
-    index = read_tensor_index(fp8_dir)
-    fp8_modules = {n.removesuffix(".weight") for n, (d, _, _) in index.items() if d == FP8_DTYPE}
+    quant_dir = Path(quant_dir)
+    index = read_tensor_index(quant_dir)
+    bits = _num_bits(quant_dir)
+    stored = _stored_weights(index)
     quantized = quantized_bf16 = tensors_bf16 = 0
     for name, (dtype, shape, _) in index.items():
         module, _, leaf = name.rpartition(".")
-        is_scale = leaf in ("weight_scale", "input_scale", "weight_zero_point", "input_zero_point")
-        if module in fp8_modules:
+        is_meta = leaf in ("weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "weight_shape")
+        dense = _tensor_bytes(dtype, shape)
+        if stored.get(module) == name:
+            rows, cols = shape
+            dense = _tensor_bytes("BF16", (rows, cols * 32 // bits if leaf == "weight_packed" else cols))
+            quantized_bf16 += dense
+        if module in stored:
             quantized += _tensor_bytes(dtype, shape)
-            if leaf == "weight":
-                quantized_bf16 += _tensor_bytes("BF16", shape)
-        if not is_scale:
-            tensors_bf16 += _tensor_bytes("BF16", shape) if dtype.startswith(("F", "BF")) else _tensor_bytes(dtype, shape)
-    total = sum(p.stat().st_size for p in fp8_dir.glob("*.safetensors"))
+        if not is_meta:
+            tensors_bf16 += _tensor_bytes("BF16", shape) if dtype.startswith(("F", "BF")) else dense
+    total = sum(p.stat().st_size for p in quant_dir.glob("*.safetensors"))
     if source_dir is not None:
         total_bf16 = sum(p.stat().st_size for p in Path(source_dir).glob("*.safetensors"))
     else:
@@ -165,7 +194,7 @@ def checkpoint_size_report(fp8_dir: str | os.PathLike, source_dir: str | os.Path
         "quantized_bytes": quantized,
         "quantized_bf16_bytes": quantized_bf16,
         "quantized_ratio": quantized / quantized_bf16 if quantized_bf16 else float("nan"),
-        "quantized_layers": len(fp8_modules),
+        "quantized_layers": len(stored),
     }
 
 
@@ -177,22 +206,25 @@ def fake_quant_model(
     calib_batches: Iterable | None = None,
     inplace: bool = False,
     storage_dtype: torch.dtype | None = None,
+    group_size: int | str = "auto",
+    weight_scales=None,
 ) -> torch.nn.Module:
-    """A float model that computes what the FP8 checkpoint computes.
+    """A float model that computes what the quantized checkpoint computes.
 
     Each targeted Linear weight is replaced once by Q·s (quantize→dequantize with the
     scheme's scales) and marked decompressed, the same state a reloaded checkpoint is in;
     its forward still fake-quantizes input activations (per token for fp8_dynamic, per
-    128-group for fp8_block, with the calibrated per-tensor scale for fp8_static; not at
-    all for fp8_weight_only). Works on a copy unless ``inplace``.
+    128-group for fp8_block and per token for w8a8_int8, with the calibrated per-tensor scale
+    for fp8_static; not at all for fp8_weight_only and w4a16). Works on a copy unless ``inplace``.
 
-    With ``storage_dtype`` (what ``save_fp8``'s ``source_dtype`` stores: bf16 by default),
+    With ``storage_dtype`` (what ``save_quantized``'s ``source_dtype`` stores: bf16 by default),
     every floating tensor that stays unquantized (embeddings, norms, ignored layers) is
     rounded through that dtype and back, as saving and reloading the checkpoint rounds it;
-    without it they keep the source's full precision.
+    without it they keep the source's full precision. ``group_size`` and ``weight_scales`` are
+    passed to ``quantize_model`` (GPTQ's scales for weights it already rounded).
     """
     fq = model if inplace else copy.deepcopy(model)
-    quantize_fp8(fq, scheme, ignore, calib_batches)
+    quantize_model(fq, scheme, ignore, calib_batches, group_size=group_size, weight_scales=weight_scales)
     for module in fq.modules():
         if not is_module_quantized(module):
             continue

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.quantization.utils import is_module_quantized
 
-from slm_cli.quant.fp8 import FP8QuantError
+from slm_cli.quant.schemes import QuantError
 from slm_cli.quant.report import fake_quant_model
 
 SENSITIVITY_METHODS = ("fisher", "kl")
@@ -65,7 +65,7 @@ def parse_keep_sensitive(value) -> int | str:
         return 0
     if text.isdigit():
         return int(text)
-    raise FP8QuantError(
+    raise QuantError(
         f"quant.keep_sensitive={value!r}: use auto (keep the fewest tensors in bf16 that meet "
         "quant.max_ppl_increase), a number N >= 0 (keep the N most sensitive), or none (quantize all)"
     )
@@ -318,7 +318,7 @@ def select_sensitive(
     sens_rows = rows[:n_sens, : min(seq_len, max(2, sensitivity_tokens))]
     say = (lambda what: (lambda d, t: progress(what, d, t))) if progress else (lambda what: None)
     if method not in SENSITIVITY_METHODS:
-        raise FP8QuantError(f"quant.sensitivity={method!r}: choose one of {', '.join(SENSITIVITY_METHODS)}")
+        raise QuantError(f"quant.sensitivity={method!r}: choose one of {', '.join(SENSITIVITY_METHODS)}")
     measure_each = tensor_sensitivity if method == "kl" else fisher_sensitivity
     sensitivity = keep_order(
         measure_each(model, scheme, ignore, sens_rows, calib_batches, progress=say(f"sensitivity of each tensor ({method})"))

@@ -1,18 +1,24 @@
-"""`slm quantize`: an FP8 checkpoint of an artifact, in the compressed-tensors format vLLM serves.
+"""`slm quantize`: a quantized checkpoint of an artifact, in the compressed-tensors format vLLM serves.
+
+Schemes (slm_cli/quant/schemes.py): FP8 (`fp8_dynamic` default, `fp8_static`, `fp8_weight_only`,
+`fp8_block`) for GPUs with FP8 tensor cores; `w8a8_int8` (INT8 GEMMs: CPUs, pre-FP8 GPUs) with
+optional SmoothQuant (slm_cli/quant/smooth.py); `w4a16` (4-bit weight groups rounded by GPTQ,
+slm_cli/quant/gptq.py) for memory-bound decoding.
 
 Reads top to bottom: setup (lineage check, source model, calibration and evaluation text) ->
-run (choose the Linear tensors kept in bf16 with `quant.keep_sensitive`, see slm_cli/quant/select.py;
-quantize, save into the staging folder, check it as vLLM would read it, measure it) ->
+run (smooth activations for w8a8_int8 when asked; choose the Linear tensors kept in bf16 with
+`quant.keep_sensitive`, see slm_cli/quant/select.py; GPTQ for w4a16; quantize, save into the
+staging folder, check it as vLLM would read it, measure it) ->
 save (slm.json with the source as parent, published atomically). Nothing is published when a
 check fails: the staging folder stays under `<output_dir>.work/` for inspection.
 
 Quality is judged on the saved checkpoint loaded back with `AutoModelForCausalLM.from_pretrained`
-(compressed-tensors decompresses the FP8 weights to the compute dtype), unless
+(compressed-tensors decompresses the quantized weights to the compute dtype), unless
 `quant.fake_quant_eval=true`, which scores an in-memory fake-quantized copy of the source instead
 (same numbers, for machines where reloading FP8 is unavailable or too slow). Perplexity is the
 sliding-window one of slm_cli/evaluate/perplexity.py on the first `eval.max_tokens` tokens of the
-test split. On a CPU, FP8 is a storage format only (matmuls are emulated), so no latency is
-reported here; speed belongs to `slm bench` on an FP8-capable GPU.
+test split. No latency is reported here: speed belongs to `slm bench` and to vLLM on the
+hardware the model will serve on (`make serve-check`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ def main(cfg) -> None:
     run_stage(cfg, QuantizeStageConfig, run)
 
 
-def layer_groups(rows: list[dict]) -> list[dict]:
+SCHEME_LABEL = {"w8a8_int8": "INT8", "w4a16": "INT4"}
+
+
+def layer_groups(rows: list[dict], label: str = "FP8") -> list[dict]:
     """Linear layers grouped by name with the layer index replaced by `*` (one row per kind of layer)."""
     groups: dict[tuple, dict] = {}
     for r in rows:
@@ -43,7 +52,7 @@ def layer_groups(rows: list[dict]) -> list[dict]:
             {
                 "layer": key[0],
                 "count": 0,
-                "status": "FP8" if r["quantized"] else "[yellow]kept[/yellow]",
+                "status": label if r["quantized"] else "[yellow]kept[/yellow]",
                 "shape (out, in)": str(tuple(r["shape"])),
                 "weight": r["weight_dtype"],
                 "scale": str(tuple(r["scale_shape"])) if r["scale_shape"] is not None else "-",
@@ -70,10 +79,12 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         calibration_record, calibration_rows, calibration_text, resolve_sources, split_text,
     )
     from slm_cli.evaluate.perplexity import perplexity
-    from slm_cli.quant.checks import FP8CheckpointError, quantization_table, validate_fp8_checkpoint
-    from slm_cli.quant.fp8 import check_fp8_request, quantize_fp8, save_fp8
+    from slm_cli.quant.checks import CheckpointError, quantization_table, validate_checkpoint
+    from slm_cli.quant.schemes import SCALE_DTYPE, check_request, quantize_model, save_quantized
     from slm_cli.quant.report import checkpoint_size_report, fake_quant_model, weight_error_report
+    from slm_cli.quant.gptq import gptq_model
     from slm_cli.quant.select import parse_keep_sensitive, select_sensitive
+    from slm_cli.quant.smooth import smooth_model
     from transformers.utils import logging as hf_logging
 
     # --- setup -------------------------------------------------------------------------------
@@ -83,8 +94,10 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     source = Path(source_path)
     tokenizer = models.load_tokenizer(cfg.model.tokenizer or str(source), cfg.model.trust_remote_code, field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     model = models.load_model(str(source), cfg.model.dtype, cfg.model.trust_remote_code, field="model.name_or_path").eval()
-    # a request that cannot succeed (ignore typo, block shapes) fails before any slow work
-    check_fp8_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True)
+    # a request that cannot succeed (ignore typo, block shapes, group size) fails before any slow work
+    group_size = "auto" if str(cfg.quant.group_size).strip().lower() == "auto" else int(cfg.quant.group_size)
+    qscheme, _ = check_request(model, cfg.quant.scheme, cfg.quant.ignore, calibrated=True, group_size=group_size)
+    label = SCHEME_LABEL.get(cfg.quant.scheme, "FP8")
     keep = parse_keep_sensitive(cfg.quant.keep_sensitive)
     for warning in artifacts.lineage_warnings(source):
         ui.console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
@@ -92,15 +105,18 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         ui.console.print(f"[bold yellow]warning:[/bold yellow] {line}", highlight=False)
 
     # `auto`: the task data the source artifact (or its nearest ancestor) was trained on, else a general
-    # corpus with a warning; fp8_static (activation scales) and quant.keep_sensitive (which tensors stay
-    # bf16) read calibration text
+    # corpus with a warning; fp8_static (activation scales), quant.keep_sensitive (which tensors stay
+    # bf16), SmoothQuant (activation ranges) and GPTQ (input Gram matrices) read calibration text
     static = cfg.quant.scheme == "fp8_static"
+    smooth = cfg.quant.smoothing_strength > 0
+    gptq = cfg.quant.scheme == "w4a16" and cfg.quant.rounding == "gptq"
+    needs_rows = static or bool(keep) or smooth or gptq
     calib_from, eval_from = resolve_sources(
-        {"calibration.source": cfg.calibration.source if static or keep else None, "eval.source": cfg.eval.source or None},
+        {"calibration.source": cfg.calibration.source if needs_rows else None, "eval.source": cfg.eval.source or None},
         source, warn=warn, say=lambda line: ui.console.print(line, highlight=False),
     )
     calib, calibration, rows = None, None, None
-    if static or keep:
+    if needs_rows:
         calib_text = calibration_text(calib_from.source, cfg.seed)
         rows = calibration_rows(
             calib_text, tokenizer, cfg.calibration.samples, cfg.calibration.seq_len, source=calib_from.source, warn=warn,
@@ -119,7 +135,17 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     # --- run ---------------------------------------------------------------------------------
     ppl_source = score(model, "the source") if eval_text else None
     ignore = list(cfg.quant.ignore)
-    selection = None
+    selection = smoothing = gptq_rows = None
+    if smooth:
+        # function-preserving in float: the source's perplexity above is also the smoothed model's
+        with ui.progress(f"SmoothQuant (alpha {cfg.quant.smoothing_strength:g})", unit="norms") as bar:
+            smoothing = smooth_model(model, rows, cfg.quant.smoothing_strength, cfg.calibration.batch_size, bar.callback)
+        worst = max(smoothing, key=lambda r: r["outlier_ratio_before"])
+        ui.console.print(
+            f"smoothed {len(smoothing)} norms; the largest activation outlier ratio (max/median channel) "
+            f"{worst['outlier_ratio_before']:.0f} -> {worst['outlier_ratio_after']:.1f} (layer {worst['layer']} {worst['part']})",
+            highlight=False,
+        )
     if keep:
         # which Linear tensors stay bf16: per-tensor sensitivity, then joint checks on the calibration rows
         with ui.progress("choosing the tensors kept in bf16", unit="steps") as bar:
@@ -145,38 +171,57 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
                 f"{100 * selection['ppl_increase']:+.3f}% perplexity on the calibration rows. Raise "
                 "quant.max_keep_fraction or quant.max_ppl_increase, or use quant.scheme=fp8_weight_only"
             )
-    ppl_fp8 = None
+    weight_scales = None
+    if gptq:
+        # sequential GPTQ on the calibration rows: each layer sees the outputs of the layers already rounded
+        with ui.progress("GPTQ, layer by layer", unit="layers") as bar:
+            gptq_rows = gptq_model(
+                model, list(rows.split(cfg.calibration.batch_size)), qscheme.weights, ignore,
+                damp=cfg.quant.gptq_damp, scale_dtype=SCALE_DTYPE, progress=bar.callback,
+            )
+        weight_scales = {r["name"]: r.pop("scale") for r in gptq_rows}
+        for r in gptq_rows:
+            r.pop("zero_point")
+        rtn_err = sum(r["error_rtn"] for r in gptq_rows) / len(gptq_rows)
+        gptq_err = sum(r["error_gptq"] for r in gptq_rows) / len(gptq_rows)
+        ui.console.print(
+            f"GPTQ: mean relative output error of {len(gptq_rows)} Linear layers {gptq_err:.4f} "
+            f"(round-to-nearest {rtn_err:.4f}, {gptq_err / rtn_err:.2f}x)", highlight=False,
+        )
+    ppl_quant = None
     if eval_text and cfg.quant.fake_quant_eval:
         fake = fake_quant_model(
-            model, cfg.quant.scheme, ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype)
+            model, cfg.quant.scheme, ignore, calib, storage_dtype=models.torch_dtype(cfg.quant.save_dtype),
+            group_size=group_size, weight_scales=weight_scales,
         )
-        ppl_fp8 = score(fake, "the fake-quantized model")
+        ppl_quant = score(fake, "the fake-quantized model")
         del fake
     # only a static scheme has slow work to follow (calibration batches); the weight scales take seconds
     with ui.progress(f"quantizing to {cfg.quant.scheme}: activation scales", unit="batches", enabled=calib is not None) as bar:
-        quantize_fp8(model, cfg.quant.scheme, ignore, calib, progress=bar.callback)
+        quantize_model(model, cfg.quant.scheme, ignore, calib, progress=bar.callback, group_size=group_size,
+                       weight_scales=weight_scales)
     out = artifacts.begin(cfg.output_dir, cfg.overwrite)
     save_dtype = models.torch_dtype(cfg.quant.save_dtype)
-    save_fp8(model, tokenizer, out, source_dtype=save_dtype)
+    save_quantized(model, tokenizer, out, source_dtype=save_dtype)
     del model
     # vLLM's view of the files: on a failure nothing is published
     try:
-        layers = validate_fp8_checkpoint(out, cfg.quant.scheme, source_dtype=save_dtype)
-    except FP8CheckpointError as exc:
-        raise FP8CheckpointError(f"{exc}\nNothing was published; the checkpoint as written is kept in {out}.") from exc
+        layers = validate_checkpoint(out, cfg.quant.scheme, source_dtype=save_dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}\nNothing was published; the checkpoint as written is kept in {out}.") from exc
     table = quantization_table(out)
     ui.console.print(
         ui.records_table(
-            f"{cfg.quant.scheme}: {len(layers['quantized'])} Linear layers in FP8, {len(layers['ignored'])} kept "
+            f"{cfg.quant.scheme}: {len(layers['quantized'])} Linear layers in {label}, {len(layers['ignored'])} kept "
             f"(quant.ignore={cfg.quant.ignore}"
             + (f" + {len(selection['kept'])} kept by quant.keep_sensitive={cfg.quant.keep_sensitive})" if selection else ")"),
-            layer_groups(table),
+            layer_groups(table, label),
             ["layer", "count", "status", "shape (out, in)", "weight", "scale"],
         )
     )
     if eval_text and not cfg.quant.fake_quant_eval:
         reloaded = models.load_model(str(out), cfg.model.dtype, cfg.model.trust_remote_code, field="output_dir").eval()
-        ppl_fp8 = score(reloaded, "the saved FP8 checkpoint, loaded back")
+        ppl_quant = score(reloaded, f"the saved {label} checkpoint, loaded back")
         del reloaded
     errors = weight_error_report(source, out)
     sizes = checkpoint_size_report(out)
@@ -188,6 +233,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         "scheme": cfg.quant.scheme,
         "ignore": ignore,
         "keep_sensitive": selection,
+        "smoothing": smoothing,
+        "gptq": gptq_rows,
         "sizes": sizes,
         "layers": [{**r, **by_name.get(r["name"], {})} for r in table],
     }
@@ -202,6 +249,9 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         # rows of calibration text read: fp8_static's activation scales and quant.keep_sensitive's choice use them
         "calibration_rows": 0 if rows is None else int(rows.shape[0]),
         "calibration_seq_len": int(rows.shape[1]) if rows is not None else 0,
+        **({"group_size": qscheme.weights.group_size, "rounding": cfg.quant.rounding} if cfg.quant.scheme == "w4a16" else {}),
+        **({"smoothing_strength": cfg.quant.smoothing_strength} if smooth else {}),
+        **({"gptq_mean_error": gptq_err, "rtn_mean_error": rtn_err} if gptq_rows else {}),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     if selection is not None:
@@ -223,13 +273,15 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
                 "eval_window": ppl_source["window"],
                 "eval_stride": ppl_source["stride"],
                 "perplexity_source": ppl_source["perplexity"],
-                "perplexity_fp8": ppl_fp8["perplexity"],
-                "perplexity_increase_pct": 100.0 * (ppl_fp8["perplexity"] / ppl_source["perplexity"] - 1.0),
+                "perplexity_quantized": ppl_quant["perplexity"],
+                # the FP8-era name stays for FP8 artifacts (readers of earlier slm.json files use it)
+                **({"perplexity_fp8": ppl_quant["perplexity"]} if label == "FP8" else {}),
+                "perplexity_increase_pct": 100.0 * (ppl_quant["perplexity"] / ppl_source["perplexity"] - 1.0),
             }
         )
-        if not math.isfinite(metrics["perplexity_fp8"]):
-            ui.console.print("[bold yellow]warning:[/bold yellow] the FP8 model's perplexity is not finite")
-    # the max error of every layer sits near FP8's rounding bound (1/17); the mean tells layers apart
+        if not math.isfinite(metrics["perplexity_quantized"]):
+            ui.console.print(f"[bold yellow]warning:[/bold yellow] the {label} model's perplexity is not finite")
+    # the max error of every layer sits near its format's rounding bound; the mean tells layers apart
     worst = sorted(errors, key=lambda r: r["mean_rel_error"], reverse=True)[: cfg.quant.error_rows]
     if worst:
         ui.console.print(
@@ -248,9 +300,10 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
     )
     final = artifacts.commit(out, cfg.output_dir, cfg.overwrite)
     ui.console.print(ui.kv_table(f"quantize artifact: {final}", ui.metric_rows(metrics)))
-    if metrics["device"] == "cpu":
+    if metrics["device"] == "cpu" and label == "FP8":
         ui.console.print(
             "[dim]On this CPU FP8 is a storage format: there are no FP8 matmul kernels (vLLM emulates them, far slower "
-            "than bf16), so no latency is reported. Serve it on an FP8-capable GPU (H100 class) for speed.[/dim]"
+            "than bf16), so no latency is reported. Serve it on an FP8-capable GPU (H100 class) for speed, or use "
+            "quant=w8a8_int8 for CPUs.[/dim]"
         )
     return metrics

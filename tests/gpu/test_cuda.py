@@ -117,7 +117,7 @@ def test_fp8_scaled_mm_on_cuda_equals_its_definition():
     """torch._scaled_mm on FP8 operands = (x_fp8·x_scale) @ (w_fp8·w_scale).T, computed in float32 on the CPU."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip(f"{torch.cuda.get_device_name()} has no FP8 tensor cores (compute capability < 8.9)")
-    from slm_cli.quant.fp8 import get_scheme, weight_qparams
+    from slm_cli.quant.schemes import get_scheme, weight_qparams
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 576, generator=g), torch.randn(1536, 576, generator=g) / 24

@@ -1,5 +1,5 @@
-"""`slm quantize` end to end on a tiny Llama artifact: the real CLI, real FP8 checkpoints read
-back from disk, their config.json and tensors as vLLM reads them, and the measured numbers."""
+"""`slm quantize` end to end on a tiny Llama artifact: the real CLI, real FP8 / INT8 / INT4 checkpoints
+read back from disk, their config.json and tensors as vLLM reads them, and the measured numbers."""
 
 import json
 import math
@@ -105,6 +105,39 @@ def test_scheme_round_trip(slm, tmp_path, source, scheme):
         got = perplexity(model, tok, text, window=128, stride=64, max_tokens=384)
         assert got["perplexity"] == pytest.approx(metrics["perplexity_fp8"], rel=1e-5)
         assert metrics["eval_tokens"] == got["tokens"] == 383
+
+
+@pytest.mark.parametrize("scheme,extra", [
+    ("w8a8_int8", ["quant.smoothing_strength=0.5"]),
+    ("w4a16", []),  # GPTQ, group size auto (128 here)
+    ("w4a16", ["quant.rounding=rtn", "quant.group_size=64"]),
+])
+def test_integer_schemes_end_to_end(slm, tmp_path, source, scheme, extra):
+    out = tmp_path / "int"
+    assert slm("quantize", f"model.name_or_path={source}", f"quant={scheme}", *extra, *FAST, f"output_dir={out}") == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == ("int-quantized" if scheme == "w8a8_int8" else "pack-quantized")
+    assert weights["type"] == "int" and weights["num_bits"] == (8 if scheme == "w8a8_int8" else 4)
+    t = tensors(out)
+    q = "model.layers.0.self_attn.q_proj"
+    metrics = meta(out)["metrics"]
+    if scheme == "w8a8_int8":
+        assert t[f"{q}.weight"].dtype == torch.int8 and tuple(t[f"{q}.weight_scale"].shape) == (128, 1)
+        assert metrics["smoothing_strength"] == 0.5 and metrics["quantized_ratio"] < 0.52
+    else:
+        group = 64 if "quant.group_size=64" in extra else 128
+        assert t[f"{q}.weight_packed"].dtype == torch.int32 and t[f"{q}.weight_shape"].tolist() == [128, 128]
+        assert tuple(t[f"{q}.weight_scale"].shape) == (128, 128 // group) and t[f"{q}.weight_scale"].dtype == torch.bfloat16
+        assert metrics["group_size"] == group and metrics["quantized_ratio"] < 0.27
+        if "quant.rounding=rtn" not in extra:
+            assert metrics["gptq_mean_error"] < metrics["rtn_mean_error"]
+            report = json.loads((out / "quantization.json").read_text())
+            assert len(report["gptq"]) == 14 and all(r["error_gptq"] <= r["error_rtn"] for r in report["gptq"])
+    assert math.isfinite(metrics["perplexity_quantized"]) and "perplexity_fp8" not in metrics
+    assert abs(metrics["perplexity_increase_pct"]) < (2.0 if scheme == "w8a8_int8" else 10.0)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_ignore_respected_and_fake_quant_agrees(slm, tmp_path, source):

@@ -18,7 +18,7 @@ from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.heldout import completion_cross_entropy
 from slm_cli.evaluate.speed import FP8_NOTE
 from slm_cli.models import example_texts
-from slm_cli.quant.fp8 import quantize_fp8, save_fp8
+from slm_cli.quant.schemes import quantize_model, save_quantized
 from slm_cli.report import NO_BENCH, REPORT_JSON, REPORT_MD, REPORT_PNG, short_names, write_report
 from tests.stages.helpers import meta
 
@@ -53,9 +53,9 @@ def pipeline(tmp_path_factory, tokenizer):
                    {"val_loss": 0.02, "val_ce": 1.5}, config={"data": {**DATA, "test_size": 12}, "seed": 3})
     pruned = save(root / "pruned", tokenizer, 1, 32, "prune", [artifacts.parent("source", student)], {"perplexity_increase_pct": 1.0})
     model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
-    quantize_fp8(model, "fp8_dynamic", ["lm_head"], None)
+    quantize_model(model, "fp8_dynamic", ["lm_head"], None)
     fp8 = root / "fp8"
-    save_fp8(model, tokenizer, fp8, source_dtype=torch.float32)
+    save_quantized(model, tokenizer, fp8, source_dtype=torch.float32)
     artifacts.write_metadata(fp8, stage="quantize", config={}, parents=[artifacts.parent("source", pruned)],
                              metrics={"perplexity_fp8": 2688.0, "bench": {"note": FP8_NOTE}},
                              extra={"keep_sensitive": {"mode": "auto", "kept": ["model.layers.0.self_attn.k_proj"], "met": True,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from slm_cli.quant.fp8 import quantize_fp8, save_fp8
+from slm_cli.quant.schemes import quantize_model, save_quantized
 from slm_cli.quant.report import (
     checkpoint_size_report,
     compare_reload,
@@ -50,7 +50,7 @@ def fp8_dirs(source_dir, tmp_path_factory):
     for scheme, ignore in [("fp8_dynamic", None), ("fp8_static", None), ("fp8_block", BLOCK_IGNORE)]:
         out = tmp_path_factory.mktemp(scheme)
         batches = calib_batches() if scheme == "fp8_static" else None
-        save_fp8(quantize_fp8(load(source_dir), scheme, ignore, batches), None, out)
+        save_quantized(quantize_model(load(source_dir), scheme, ignore, batches), None, out)
         dirs[scheme] = out
     return dirs
 
@@ -170,7 +170,7 @@ def test_fake_quant_with_storage_dtype_computes_what_the_fp32_source_checkpoint_
     out = tmp_path / "fp8"
     copy = LlamaForCausalLM(tiny_config()).eval()
     copy.load_state_dict(source.state_dict())
-    save_fp8(quantize_fp8(copy, "fp8_dynamic"), None, out)  # unquantized tensors stored as bf16
+    save_quantized(quantize_model(copy, "fp8_dynamic"), None, out)  # unquantized tensors stored as bf16
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
     rounded = compare_reload(out, fake_quant_model(source, "fp8_dynamic", storage_dtype=torch.bfloat16), ids, torch.float32)
     full = compare_reload(out, fake_quant_model(source, "fp8_dynamic"), ids, torch.float32)

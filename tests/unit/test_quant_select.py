@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slm_cli.quant.fp8 import FP8QuantError
+from slm_cli.quant.schemes import QuantError
 from slm_cli.quant.report import fake_quant_model
 from slm_cli.quant.select import keep_order, mean_nll, parse_keep_sensitive, select_sensitive, tensor_sensitivity
 
@@ -83,5 +83,5 @@ def test_parse_keep_sensitive(value, want):
 
 
 def test_parse_keep_sensitive_refuses_nonsense():
-    with pytest.raises(FP8QuantError, match="quant.keep_sensitive='most'.*auto.*none"):
+    with pytest.raises(QuantError, match="quant.keep_sensitive='most'.*auto.*none"):
         parse_keep_sensitive("most")

@@ -1,31 +1,43 @@
-"""FP8 quantization of a causal LM into the compressed-tensors format that vLLM serves.
+"""Weight (and activation) quantization of a causal LM into the compressed-tensors format vLLM serves.
 
-How FP8 weight quantization works
----------------------------------
-FP8 E4M3 has 1 sign bit, 4 exponent bits and 3 mantissa bits. Its largest finite value
-is 448 and, like any float, its spacing grows with magnitude: for normal numbers the
-round-to-nearest relative error is at most 2^-4 = 6.25%. A weight matrix W is stored as
+How the weight formats work
+---------------------------
+A weight matrix W is stored as low-precision values Q times a scale s per group of weights:
 
-    W ≈ Q · s,   Q = round_fp8(W / s),   s = absmax(W over a group) / 448
+    W ≈ Q · s,   Q = round(W / s),   s = absmax(W over a group) / q_max
 
-so the largest entry of every group lands on ±448 and nothing overflows. The group is
-what the scheme chooses:
+so the largest entry of every group lands on the edge of the format and nothing overflows.
 
-* ``fp8_dynamic``      one scale per output channel, s has shape (out, 1); activations are
-                       quantized at run time with one scale per token (absmax of the row),
-                       so no calibration data is needed.
-* ``fp8_static``       one scale for the whole weight, shape (1,); one scale for the whole
+* FP8 E4M3 (q_max 448) is a float: 1 sign, 4 exponent, 3 mantissa bits, so its spacing grows
+  with magnitude and the round-to-nearest relative error is at most 2^-4 = 6.25% at any size.
+* INT8 (q_max 127.5 in compressed-tensors' symmetric convention, values in [-128, 127]) is a
+  uniform grid: a step of s everywhere, so small weights of a group lose more, relatively, than
+  large ones; per output channel that is still finer than FP8 for most rows.
+* INT4 (q_max 7.5, values in [-8, 7]) has 16 levels: only groups of 128 inputs sharing a
+  scale keep the error tolerable, and the rounding is best chosen with calibration data (GPTQ,
+  ``slm_cli/quant/gptq.py``) rather than to the nearest level.
+
+The scheme chooses the format, the group and what happens to activations:
+
+* ``fp8_dynamic``      FP8 weights, one scale per output channel, s has shape (out, 1); activations
+                       quantized at run time with one scale per token (absmax of the row), so no
+                       calibration data is needed.
+* ``fp8_static``       FP8, one scale for the whole weight, shape (1,); one scale for the whole
                        input activation, fixed ahead of time from the absmax seen over
                        calibration batches (``input_scale``).
-* ``fp8_weight_only``  per-channel weights as in ``fp8_dynamic``; activations stay in the
+* ``fp8_weight_only``  per-channel FP8 weights as in ``fp8_dynamic``; activations stay in the
                        model's float dtype (W8A16).
-* ``fp8_block``        one scale per 128×128 tile of W, shape (out/128, in/128); activations
+* ``fp8_block``        FP8, one scale per 128×128 tile of W, shape (out/128, in/128); activations
                        are quantized at run time per token in groups of 128 (DeepSeek-V3 style).
+* ``w8a8_int8``        INT8 weights per output channel, INT8 activations per token at run time:
+                       integer GEMMs, which CPUs (VNNI / AMX) and pre-FP8 GPUs run fast.
+* ``w4a16``            INT4 weights in groups of 128 inputs, scale shape (out, in/128), packed
+                       eight to an int32; activations stay 16-bit. A quarter of bf16's bytes.
 
 The library (compressed-tensors) owns the format: ``apply_quantization_config`` attaches
 the scheme and empty scale parameters to every targeted ``Linear``; we fill the scales;
-``ModelCompressor`` turns the float weights into float8_e4m3fn tensors and writes the
-``quantization_config`` block of config.json that vLLM and transformers read.
+``ModelCompressor`` turns the float weights into float8 / int8 / packed int4 tensors and writes
+the ``quantization_config`` block of config.json that vLLM and transformers read.
 """
 
 from __future__ import annotations
@@ -54,14 +66,19 @@ from slm_cli.errors import SlmError
 
 __all__ = [
     "BLOCK_SIZE",
-    "check_fp8_request",
+    "check_request",
     "DEFAULT_IGNORE",
-    "FP8QuantError",
+    "QuantError",
     "SCHEMES",
     "get_scheme",
-    "quantize_fp8",
+    "GROUP_SIZES",
+    "is_fp8",
+    "resolve_group_size",
+    "SCALE_DTYPE",
+    "storage_args",
+    "quantize_model",
     "read_quantization_config",
-    "save_fp8",
+    "save_quantized",
     "targeted_linears",
     "weight_qparams",
 ]
@@ -71,7 +88,7 @@ DEFAULT_IGNORE = ["lm_head"]
 BLOCK_SIZE = 128
 
 
-class FP8QuantError(SlmError, ValueError):
+class QuantError(SlmError, ValueError):
     """A quantization request that cannot work; the message names the field and the fix."""
 
 
@@ -99,14 +116,21 @@ SCHEMES: dict[str, Callable[[], QuantizationScheme]] = {
     "fp8_static": lambda: preset_name_to_scheme("FP8", list(TARGETS)),
     "fp8_weight_only": _fp8_weight_only,
     "fp8_block": lambda: preset_name_to_scheme("FP8_BLOCK", list(TARGETS)),
+    "w8a8_int8": lambda: preset_name_to_scheme("W8A8", list(TARGETS)),
+    "w4a16": lambda: preset_name_to_scheme("W4A16", list(TARGETS)),
 }
+
+
+def is_fp8(scheme: QuantizationScheme) -> bool:
+    """FP8 weights (float8_e4m3fn on disk) as opposed to integer ones."""
+    return scheme.weights.type == QuantizationType.FLOAT
 
 
 def get_scheme(name: str) -> QuantizationScheme:
     """The compressed-tensors scheme for a short name in ``SCHEMES``."""
     if name not in SCHEMES:
-        raise FP8QuantError(
-            f"quant.scheme={name!r} is not a known FP8 scheme; "
+        raise QuantError(
+            f"quant.scheme={name!r} is not a known scheme; "
             f"choose one of {sorted(SCHEMES)}"
         )
     return SCHEMES[name]()
@@ -124,7 +148,7 @@ def _check_ignore_matches(model: torch.nn.Module, ignore: list[str]) -> None:
     for entry in ignore:
         if not any(is_match(name, module, entry) for name, module in model.named_modules()):
             hint = "prefix regexes with 're:' (e.g. 're:.*mlp.down_proj$')"
-            raise FP8QuantError(
+            raise QuantError(
                 f"quant.ignore entry {entry!r} matches no module of "
                 f"{type(model).__name__} ({len(names)} modules); {hint}, or give an "
                 f"exact module name such as {names[-1]!r}"
@@ -142,6 +166,34 @@ def targeted_linears(
     return list(match_named_modules(model, TARGETS, list(ignore)))
 
 
+GROUP_SIZES = (128, 64, 32)
+"""Input-group sizes ``group_size=auto`` tries, largest first (vLLM's 4-bit kernels take these)."""
+
+
+def resolve_group_size(modules: list[tuple[str, torch.nn.Linear]], requested: int | str) -> int:
+    """The input-group size of a group scheme: ``auto`` is the largest of ``GROUP_SIZES`` dividing
+    every quantized Linear's in_features (SmolLM2's 576-wide inputs take 64, not 128); an int
+    must divide them all."""
+    widths = sorted({m.in_features for _, m in modules})
+    if requested == "auto":
+        for g in GROUP_SIZES:
+            if all(w % g == 0 for w in widths):
+                return g
+        raise QuantError(
+            f"quant.group_size=auto: no group size of {list(GROUP_SIZES)} divides every quantized Linear's input "
+            f"width {widths}; set quant.group_size to a divisor of them, or ignore the odd layers in quant.ignore"
+        )
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
+        raise QuantError(f"quant.group_size={requested!r}: give a positive int (e.g. 128) or auto")
+    bad = [f"{name} (in={m.in_features})" for name, m in modules if m.in_features % requested]
+    if bad:
+        raise QuantError(
+            f"quant.group_size={requested} does not divide the input width of {len(bad)} quantized Linear(s), e.g. "
+            f"{', '.join(bad[:3])}; use quant.group_size=auto (picks from {list(GROUP_SIZES)}) or a common divisor"
+        )
+    return requested
+
+
 def _check_block_shapes(modules: list[tuple[str, torch.nn.Linear]], block: int) -> None:
     """Block scales tile W in block×block squares; vLLM needs both dims to divide."""
     bad = [
@@ -153,7 +205,7 @@ def _check_block_shapes(modules: list[tuple[str, torch.nn.Linear]], block: int) 
         suffixes = sorted({name.rsplit(".", 1)[-1] for name, m in modules
                            if m.out_features % block or m.in_features % block})
         pattern = "re:.*\\.(" + "|".join(suffixes) + ")$"
-        raise FP8QuantError(
+        raise QuantError(
             f"quant.scheme=fp8_block needs every quantized Linear's (out, in) shape "
             f"divisible by {block} (vLLM refuses other block layouts in fused qkv / "
             f"gate_up layers), but these are not: {', '.join(bad)}. Ignore them with "
@@ -161,16 +213,33 @@ def _check_block_shapes(modules: list[tuple[str, torch.nn.Linear]], block: int) 
         )
 
 
+SCALE_DTYPE = torch.bfloat16
+"""Group scales are rounded to bf16 before any weight is rounded with them, then stored in bf16:
+a group of 64 int4 weights carries one scale, so fp32 scales would add 12% to the bytes."""
+
+
+def storage_args(args: QuantizationArgs) -> QuantizationArgs:
+    """``args`` with the scale dtype the checkpoint stores (bf16 for group scales, else unchanged).
+
+    The scale written to disk must be the one the weights were rounded with, or the integers
+    the packer recomputes drift from the chosen ones; ``calculate_qparams`` rounds to
+    ``scale_dtype``. Used on a copy: the config.json written for vLLM keeps the preset's args.
+    """
+    if args.strategy == QuantizationStrategy.GROUP and args.scale_dtype is None:
+        return args.model_copy(update={"scale_dtype": SCALE_DTYPE})
+    return args
+
+
 def weight_qparams(
     weight: torch.Tensor, args: QuantizationArgs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of a weight for its strategy: s = absmax(group) / 448.
+    """Scale and zero point of a weight for its strategy: s = absmax(group) / q_max.
 
     Min and max are reduced over the group the strategy defines (whole tensor, each
-    output row, or each block×block tile) and handed to compressed-tensors'
-    ``calculate_qparams``, which applies the symmetric FP8 formula above (and keeps a
-    zero scale from dividing by zero). Shapes: tensor (1,), channel (out, 1),
-    block (out/b, in/b).
+    output row, each block×block tile, or each run of ``group_size`` inputs of a row) and
+    handed to compressed-tensors' ``calculate_qparams``, which applies the symmetric formula
+    above for the format (and keeps a zero scale from dividing by zero). Shapes: tensor (1,),
+    channel (out, 1), block (out/b, in/b), group (out, in/g).
     """
     w = weight.detach()
     if args.strategy == QuantizationStrategy.TENSOR:
@@ -182,9 +251,14 @@ def weight_qparams(
         rows, cols = w.shape
         tiles = w.reshape(rows // bh, bh, cols // bw, bw)
         lo, hi = tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
+    elif args.strategy == QuantizationStrategy.GROUP:
+        rows, cols = w.shape
+        groups = w.reshape(rows, cols // args.group_size, args.group_size)
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     else:
-        raise FP8QuantError(f"weight strategy {args.strategy!r} is not used by slm's FP8 schemes")
-    return calculate_qparams(lo, hi, args)
+        raise QuantError(f"weight strategy {args.strategy!r} is not used by slm's schemes")
+    scale, zero_point = calculate_qparams(lo, hi, storage_args(args))
+    return scale.to(w.dtype if w.is_floating_point() else torch.float32), zero_point
 
 
 def _fill_weight_scales(modules: list[tuple[str, torch.nn.Module]]) -> None:
@@ -247,11 +321,11 @@ def _calibrate_input_scales(
             m.quantization_enabled = True
         model.train(was_training)
     if seen == 0:
-        raise FP8QuantError("quant calibration got 0 batches; fp8_static needs at least one")
+        raise QuantError("quant calibration got 0 batches; fp8_static needs at least one")
 
     for name, m in modules:
         if not torch.isfinite(lo[name]):
-            raise FP8QuantError(
+            raise QuantError(
                 f"calibration never reached {name}; its static input scale is unknown. "
                 f"Check the calibration batches run the whole model, or ignore {name!r}"
             )
@@ -263,65 +337,78 @@ def _calibrate_input_scales(
     return seen
 
 
-def check_fp8_request(
+def check_request(
     model: torch.nn.Module,
     scheme: str = "fp8_dynamic",
     ignore: Iterable[str] | None = None,
     calibrated: bool = False,
+    group_size: int | str = "auto",
 ) -> tuple[QuantizationScheme, list[str]]:
-    """Every reason ``quantize_fp8`` would refuse, checked without touching the model.
+    """Every reason ``quantize_model`` would refuse, checked without touching the model.
 
     A bad scheme name, an ignore entry that matches nothing, nothing left to quantize, a
-    tied lm_head that would be quantized, block shapes that do not divide by 128, or a
-    static scheme without calibration (``calibrated=False``) raise ``FP8QuantError``.
-    Stages call it before slow work (loading data, measuring the source) so a request that
-    cannot succeed fails in seconds. Returns the scheme and the resolved ignore list.
+    tied lm_head that would be quantized, block shapes that do not divide by 128, a group
+    size that does not divide the input widths, or a static scheme without calibration
+    (``calibrated=False``) raise ``QuantError``. Stages call it before slow work (loading
+    data, measuring the source) so a request that cannot succeed fails in seconds. Returns
+    the scheme (group size resolved, see ``resolve_group_size``) and the resolved ignore list.
     """
     qscheme = get_scheme(scheme)
     ignore = list(DEFAULT_IGNORE if ignore is None else ignore)
     _check_ignore_matches(model, ignore)
     modules = targeted_linears(model, ignore)
     if not modules:
-        raise FP8QuantError(
+        raise QuantError(
             f"quant.ignore={ignore} leaves no Linear layer to quantize in {type(model).__name__}"
         )
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and any(
         name == "lm_head" for name, _ in modules
     ):
-        raise FP8QuantError(
+        raise QuantError(
             "lm_head shares its weight with the input embeddings (tie_word_embeddings=true); "
             "quantizing it would break the tie. Keep 'lm_head' in quant.ignore"
         )
     if qscheme.weights.strategy == QuantizationStrategy.BLOCK:
         _check_block_shapes(modules, qscheme.weights.block_structure[0])
+    if qscheme.weights.strategy == QuantizationStrategy.GROUP:
+        qscheme.weights.group_size = resolve_group_size(modules, group_size)
     if _needs_calibration(qscheme) and not calibrated:
-        raise FP8QuantError(
+        raise QuantError(
             f"quant.scheme={scheme} has static activation scales and needs calibration "
             "batches; pass calib_batches, or use quant.scheme=fp8_dynamic"
         )
     return qscheme, ignore
 
 
-def quantize_fp8(
+def quantize_model(
     model: torch.nn.Module,
     scheme: str = "fp8_dynamic",
     ignore: Iterable[str] | None = None,
     calib_batches: Iterable | None = None,
     progress: Callable[[int, int], None] | None = None,
+    group_size: int | str = "auto",
+    weight_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.nn.Module:
-    """Attach an FP8 scheme to every targeted Linear and compute its scales, in place.
+    """Attach a scheme to every targeted Linear and compute its scales, in place.
 
-    Every check of ``check_fp8_request`` runs before the model is touched and raises
-    ``FP8QuantError`` (a ``ValueError``). The returned model runs in fake-quantized mode
-    (weights and activations quantize→dequantize on the fly) until ``save_fp8`` compresses it.
+    Every check of ``check_request`` runs before the model is touched and raises
+    ``QuantError`` (a ``ValueError``). The returned model runs in fake-quantized mode
+    (weights and activations quantize→dequantize on the fly) until ``save_quantized`` compresses it.
     ``progress(done, total)`` follows the calibration batches of a static scheme.
+    ``weight_scales`` (module name -> scale) replaces the absmax scales of those modules: GPTQ
+    chooses its scales while it rounds, and its weights already sit on that grid.
     """
-    qscheme, ignore = check_fp8_request(model, scheme, ignore, calibrated=calib_batches is not None)
+    qscheme, ignore = check_request(model, scheme, ignore, calibrated=calib_batches is not None, group_size=group_size)
     needs_calib = _needs_calibration(qscheme)
     config = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=ignore)
     apply_quantization_config(model, config, show_progress=False)
     quantized = [(name, m) for name, m in model.named_modules() if is_module_quantized(m)]
     _fill_weight_scales(quantized)
+    for name, scale in (weight_scales or {}).items():
+        module = dict(quantized).get(name)
+        if module is None:
+            raise QuantError(f"weight_scales names {name!r}, which the scheme does not quantize")
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
     if needs_calib:
         _calibrate_input_scales(model, quantized, calib_batches, progress)
     for _, m in quantized:
@@ -330,39 +417,42 @@ def quantize_fp8(
 
 
 def _cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast every floating parameter that will not become FP8 to the source dtype.
+    """Cast every floating parameter that will not be quantized to the source dtype.
 
     Embeddings, norms, biases and ignored Linears are stored as they are; left in fp32
     they make the checkpoint ~1.4x larger than needed and vLLM warns on load. Weights of
-    quantized Linears are left alone: compression turns them into float8 with their
-    scales, which keep the dtype they were computed in.
+    quantized Linears are left alone: compression turns them into float8 / int8 / packed
+    int4 with their scales, which keep the dtype they were computed in, except group scales,
+    already rounded to ``SCALE_DTYPE`` (see ``storage_args``), which are stored in it.
     """
     for module in model.modules():
         quantized = is_module_quantized(module)
         for pname, param in module.named_parameters(recurse=False):
             if not param.is_floating_point() or param.dtype == dtype:
                 continue
-            if quantized and (pname == "weight" or pname.endswith(("_scale", "_zero_point"))):
+            group_scale = pname == "weight_scale" and getattr(
+                module.quantization_scheme.weights, "strategy", None) == QuantizationStrategy.GROUP
+            if quantized and (pname == "weight" or pname.endswith(("_scale", "_zero_point"))) and not group_scale:
                 continue
             param.data = param.data.to(dtype)
 
 
-def save_fp8(
+def save_quantized(
     model: torch.nn.Module,
     tokenizer,
     out_dir: str | os.PathLike,
     source_dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """Compress a model from ``quantize_fp8`` and write an FP8 checkpoint to ``out_dir``.
+    """Compress a model from ``quantize_model`` and write a quantized checkpoint to ``out_dir``.
 
     Steps: cast what stays unquantized to ``source_dtype``; ``ModelCompressor`` packs the
-    weights into float8_e4m3fn; ``save_pretrained`` writes safetensors + config.json;
+    weights (float8_e4m3fn, int8, or int4 eight to an int32); ``save_pretrained`` writes safetensors + config.json;
     ``update_config`` adds the ``quantization_config`` block (quant_method
     compressed-tensors, format, config_groups, ignore). The model stays usable: its
     first forward pass decompresses it back to dense weights.
     """
     if not any(is_module_quantized(m) for m in model.modules()):
-        raise FP8QuantError("save_fp8 got a model without FP8 layers; call quantize_fp8 first")
+        raise QuantError("save_quantized got a model without quantized layers; call quantize_model first")
     out_dir = Path(out_dir)
     _cast_unquantized(model, source_dtype)
     if hasattr(model, "config"):
