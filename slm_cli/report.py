@@ -299,6 +299,10 @@ def artifact_numbers(node: dict, heldout: dict | None = None, bench_result: dict
         out["bench.reuse_speedup"] = bench["scoring"]["speedup"]
     if bench.get("note"):
         out["bench.note"] = bench["note"]
+    if any(k.startswith("bench.") and k != "bench.note" for k in out):
+        out["bench.engine"] = bench.get("engine", "hf")  # which engine timed it: transformers or vLLM
+        if isinstance(bench.get("scoring"), dict) and "items_per_s" in bench["scoring"]:
+            out["bench.scoring_items_per_s"] = bench["scoring"]["items_per_s"]
     return out
 
 
@@ -368,9 +372,12 @@ def columns(rows: list[dict]) -> list[tuple[str, str]]:
     cols = [("params", "params"), ("weights_bytes", "size MB")]
     cols += [(k, t) for k, t in HELDOUT_KEYS.items() if k in have]
     if any(k.startswith("bench.") and k != "bench.note" for k in have):
+        cols.append(("bench.engine", "engine"))  # latency is prefill under hf, time to first token under vllm
         cols += [(f"bench.{k}", t) for k, t in BENCH_KEYS.items()]
         if "bench.reuse_speedup" in have:
             cols.append(("bench.reuse_speedup", "prefix reuse x"))
+        if "bench.scoring_items_per_s" in have:
+            cols.append(("bench.scoring_items_per_s", "scoring items/s"))
     return cols
 
 

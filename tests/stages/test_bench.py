@@ -101,3 +101,47 @@ def test_bare_folders_become_the_artifacts_list():
         "bench.repeats=2", "--cfg", "job", 'artifacts=["a/b","c"]',
     ]
     assert folders_to_override(["artifacts=[x]"]) == ["artifacts=[x]"]
+
+
+def test_vllm_engine_without_vllm_is_a_clear_error_and_writes_nothing(slm, tmp_path, lineage, capsys):
+    teacher, _ = lineage
+    out = tmp_path / "b"
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    assert slm("bench", str(teacher), "bench.engine=vllm", f"bench.vllm_python={missing}", f"output_dir={out}") == 2
+    err = capsys.readouterr().err
+    assert f"bench.vllm_python {missing} does not exist" in err and "make serve-check" in err
+    assert not out.exists()
+
+
+def _vllm_python() -> str | None:
+    from slm_cli.errors import SlmError
+    from slm_cli.stages.bench import find_vllm_python
+
+    try:
+        return find_vllm_python(None)
+    except SlmError:
+        return None
+
+
+@pytest.mark.skipif(_vllm_python() is None, reason="vLLM is not installed: `make serve-check ARTIFACT=<folder>` creates "
+                    "its environment (/tmp/slm-vllm, or $SLM_VLLM_PYTHON); the vLLM bench path is then tested here")
+def test_vllm_engine_measures_through_vllm(slm, tmp_path):
+    """A tiny Llama (head size 64, which vLLM's CPU attention takes) timed through vLLM's offline engine."""
+    folder = tmp_path / "tiny"
+    texts = [ex["prompt"] + ex["completion"] for ex in TASKS["arithmetic_yesno"].examples("train", 32, 0)]
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+                     ).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    artifacts.write_metadata(folder, stage="student", config={}, parents=[], metrics={})
+    out = tmp_path / "b"
+    assert slm("bench", str(folder), "bench.engine=vllm", "bench.repeats=2", "bench.decode_batch_sizes=[1,4]",
+               "bench.decode_new_tokens=8", "bench.scoring.items=4", "bench.scoring.prefix_examples=2",
+               "bench.write_to_artifact=true", f"output_dir={out}") == 0
+    (r,) = bench_json(out)["artifacts"]
+    assert r["engine"] == "vllm" and r["ttft_ms"] > 0 and r["latency_ms"] == r["ttft_ms"]
+    assert [d["batch_size"] for d in r["decode"]] == [1, 4] and all(d["tokens_per_s"] > 0 for d in r["decode"])
+    assert r["scoring"]["items"] == 4 and r["scoring"]["items_per_s"] > 0
+    assert meta(folder)["metrics"]["bench"]["engine"] == "vllm"

@@ -91,7 +91,8 @@ def test_every_artifact_is_scored_on_the_teachers_test_split(slm, tmp_path, pipe
     # what stages recorded about themselves stays in report.json, out of the table
     assert rows["fp8"]["metrics"]["quantize.perplexity_fp8"] == 2688.0 and rows["student"]["metrics"]["val_loss"] == 0.02
     assert [c[1] for c in report["columns"]] == ["params", "size MB", "test CE", "exact match",
-                                                 "latency ms", "decode tok/s", "peak mem MB"]
+                                                 "engine", "latency ms", "decode tok/s", "peak mem MB"]
+    assert rows["teacher"]["metrics"]["bench.engine"] == "hf"  # every timed row says which engine timed it
     # ratios only for like quantities
     rel = rows["student"]["relative_to_reference"]
     assert set(rel) == {"params", "weights_bytes"} and rel["params"] == rows["student"]["metrics"]["params"] / rows["teacher"]["metrics"]["params"]

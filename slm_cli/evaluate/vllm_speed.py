@@ -1,0 +1,106 @@
+"""Serving figures of one checkpoint through vLLM's offline engine: what a user sees in production.
+
+Run by `slm bench bench.engine=vllm` in vLLM's own environment (vLLM pins its own torch, so it
+cannot share slm's): ``<vllm python> vllm_speed.py spec.json result.json``. This file imports
+only the standard library and vLLM, never slm_cli.
+
+Measured, each as the median of ``repeats`` timed runs after ``warmup`` untimed ones, on random
+token ids (seeded), greedy, EOS ignored so every sequence decodes the same number of tokens:
+
+* ``ttft_ms``: time to first token of one prompt of ``decode_prompt_len`` tokens (a request
+  for one new token: prefill plus one sampling step).
+* ``decode``: per batch size B, decode tokens/s = B·(N−1) / (t(N) − t(1)), where t(n) is the
+  wall time of generating n tokens for B prompts: the difference removes the prefill, so this is
+  the steady decode rate, the figure that sets a chat's speed.
+* ``scoring``: prompt-scoring throughput with prefix caching, on the same token ids as the
+  transformers engine's scoring workload (``slm_cli.evaluate.speed.scoring_workload``): every item
+  is prefix + question + target, scored by its prompt log-probs; the shared prefix is computed
+  once (warm-up) and served from vLLM's prefix cache after that; items/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+
+def _median_s(fn, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def measure(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(spec.get("seed", 0))
+    prompt_len, new_tokens = spec["decode_prompt_len"], spec["decode_new_tokens"]
+    scoring = spec.get("scoring")
+    longest = prompt_len + new_tokens
+    if scoring:
+        longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]))
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["path"], dtype=spec.get("dtype", "bfloat16"), enable_prefix_caching=True, seed=spec.get("seed", 0),
+              max_model_len=max(256, longest), max_num_seqs=max([16, *spec["decode_batch_sizes"]]),
+              trust_remote_code=bool(spec.get("trust_remote_code")))
+    load_s = time.perf_counter() - t0
+    vocab = llm.get_tokenizer().vocab_size
+    low = min(1000, vocab // 4)  # skip the special tokens at the start of most vocabularies
+
+    def prompts(batch: int, length: int):
+        return [TokensPrompt(prompt_token_ids=[rng.randrange(low, vocab) for _ in range(length)]) for _ in range(batch)]
+
+    def generate(batch_prompts, n: int):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        return llm.generate(batch_prompts, params, use_tqdm=False)
+
+    warmup, repeats = spec["warmup"], spec["repeats"]
+    # every call draws new random prompts, so prefix caching never serves a timed prefill from an earlier run
+    one = lambda: generate(prompts(1, prompt_len), 1)  # noqa: E731
+    ttft = _median_s(one, warmup, repeats)
+    decode = []
+    for batch in spec["decode_batch_sizes"]:
+        short = _median_s(lambda: generate(prompts(batch, prompt_len), 1), warmup, repeats)
+        full = _median_s(lambda: generate(prompts(batch, prompt_len), new_tokens), warmup, repeats)
+        tokens_per_s = batch * (new_tokens - 1) / max(full["median"] - short["median"], 1e-9)
+        decode.append({"batch_size": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                       "tokens_per_s": tokens_per_s, "generate_s": full["median"], "prefill_s": short["median"]})
+    result = {
+        "engine": "vllm",
+        "vllm_version": __import__("vllm").__version__,
+        "load_s": load_s,
+        "ttft_ms": 1000.0 * ttft["median"],
+        "decode": decode,
+    }
+    if scoring:
+        items = [TokensPrompt(prompt_token_ids=scoring["prefix"] + item + scoring["target"]) for item in scoring["items"]]
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        score = _median_s(lambda: llm.generate(items, params, use_tqdm=False), max(warmup, 1), repeats)
+        result["scoring"] = {"prefix_tokens": len(scoring["prefix"]), "items": len(items),
+                             "items_per_s": len(items) / score["median"]}
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec_file, result_file = argv
+    with open(spec_file) as f:
+        spec = json.load(f)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on a CPU; small models need little
+    result = measure(spec)
+    with open(result_file, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
