@@ -28,8 +28,9 @@ def main() -> None:
         print(f"{out.prompt!r} -> {completion.text!r}")
     if new_tokens == 0:
         sys.exit("serve_check: vLLM loaded the model but generated no tokens")
+    caveat = {"float-quantized": "on a CPU FP8 is emulated; ", "naive-quantized": "on a CPU FP8 is emulated; "}
     print(f"serve_check: OK, {new_tokens} tokens generated in {seconds:.1f} s "
-          "(on a CPU FP8 is emulated; this is not a speed measurement)")
+          f"({caveat.get(qc.get('format'), '')}this is not a speed measurement: `slm bench bench.engine=vllm` is)")
 
 
 if __name__ == "__main__":  # the guard vLLM's spawned engine process needs

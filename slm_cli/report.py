@@ -509,7 +509,9 @@ def plot(rows: list[dict], quality: str, path: Path, title: str) -> bool:
     if not have:
         return False
     timed = [r for r in have if "bench.latency_ms" in r["metrics"]]
-    panels = [("weights_bytes", "size on disk (MB)", have), ("bench.latency_ms", "prefill latency (ms)", timed)]
+    engines = {r["metrics"].get("bench.engine") for r in timed}
+    latency_title = "time to first token (ms, vLLM)" if engines == {"vllm"} else "prefill latency (ms)" if engines == {"hf"} else "latency (ms): hf prefill, vLLM first token"
+    panels = [("weights_bytes", "size on disk (MB)", have), ("bench.latency_ms", latency_title, timed)]
     # One marker and colour per artifact, named in a legend: artifacts of one size (a student and
     # its distilled continuations) sit on top of each other, where text labels would overprint.
     markers = "osD^vP*Xph<>"
