@@ -75,6 +75,10 @@ def test_int8_checkpoint_matches_the_fake_quantized_model(tmp_path):
     ids = rows(2, 16, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=1e-5)
+    got = decompressed(tmp_path)
+    for name, module in reference.named_modules():
+        if hasattr(module, "weight_scale"):  # the quantizer's own Q*s, read back from the int8 files
+            torch.testing.assert_close(got[name], module.weight.detach().float(), rtol=0, atol=0, msg=name)
     errors = weight_error_report(tiny(), tmp_path)
     assert len(errors) == 14 and all(0 < r["max_rel_error"] <= 0.5 for r in errors)  # half a step at most
     assert checkpoint_size_report(tmp_path)["quantized_ratio"] < 0.52
