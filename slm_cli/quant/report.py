@@ -99,9 +99,11 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block=(BLOCK_SIZE, B
 
 
 def _source_weights(source) -> dict[str, torch.Tensor]:
-    """Name -> tensor for a model (its state_dict) or a checkpoint folder (lazily read)."""
+    """Name -> tensor for a model (its state_dict), a mapping of tensors, or a checkpoint folder."""
     if isinstance(source, torch.nn.Module):
         return {k: v.detach() for k, v in source.state_dict().items()}
+    if isinstance(source, dict):
+        return source
     out = {}
     for name, (_, _, path) in read_tensor_index(source).items():
         with safe_open(path, framework="pt") as f:
@@ -112,7 +114,7 @@ def _source_weights(source) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def weight_error_report(source, quant_dir: str | os.PathLike) -> list[dict]:
     """Per quantized layer of ``quant_dir``: max, mean and L2 relative error of its
-    dequantized weight against the source (a float model or a checkpoint folder)."""
+    dequantized weight against the source (a float model, a name -> tensor dict, or a checkpoint folder)."""
     quant_dir = Path(quant_dir)
     index = read_tensor_index(quant_dir)
     block = _block_structure(quant_dir)

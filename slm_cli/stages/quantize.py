@@ -169,7 +169,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
                 f"quant.max_ppl_increase={cfg.quant.max_ppl_increase} is NOT met: keeping the most sensitive tensors "
                 f"up to the byte cap quant.max_keep_fraction={cfg.quant.max_keep_fraction} still costs "
                 f"{100 * selection['ppl_increase']:+.3f}% perplexity on the calibration rows. Raise "
-                "quant.max_keep_fraction or quant.max_ppl_increase, or use quant.scheme=fp8_weight_only"
+                "quant.max_keep_fraction or quant.max_ppl_increase, or use a scheme that keeps activations in 16 bits "
+                "(fp8_weight_only, w4a16)"
             )
     weight_scales = None
     if gptq:
@@ -196,6 +197,8 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         )
         ppl_quant = score(fake, "the fake-quantized model")
         del fake
+    # SmoothQuant rescaled the weights' columns: their error is measured against the smoothed float weights
+    smoothed = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(".weight")} if smooth else None
     # only a static scheme has slow work to follow (calibration batches); the weight scales take seconds
     with ui.progress(f"quantizing to {cfg.quant.scheme}: activation scales", unit="batches", enabled=calib is not None) as bar:
         quantize_model(model, cfg.quant.scheme, ignore, calib, progress=bar.callback, group_size=group_size,
@@ -223,7 +226,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         reloaded = models.load_model(str(out), cfg.model.dtype, cfg.model.trust_remote_code, field="output_dir").eval()
         ppl_quant = score(reloaded, f"the saved {label} checkpoint, loaded back")
         del reloaded
-    errors = weight_error_report(source, out)
+    errors = weight_error_report(smoothed if smooth else source, out)
     sizes = checkpoint_size_report(out)
     sizes["source_bytes"] = sum(p.stat().st_size for p in source.glob("*.safetensors"))
 
