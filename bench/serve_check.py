@@ -6,10 +6,24 @@ import time
 from pathlib import Path
 
 
+def _vllm_speed():
+    """slm_cli/evaluate/vllm_speed.py by file path: vLLM's venv has no slm installed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "slm_cli" / "evaluate" / "vllm_speed.py"
+    spec = importlib.util.spec_from_file_location("vllm_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     from vllm import LLM, SamplingParams
 
     artifact, max_new = sys.argv[1], int(sys.argv[2])
+    reason = _vllm_speed().unsupported(artifact)
+    if reason:
+        sys.exit(f"serve_check: {artifact}: {reason}")
     meta_path = Path(artifact) / "slm.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     qc = json.loads((Path(artifact) / "config.json").read_text()).get("quantization_config", {})

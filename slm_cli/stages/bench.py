@@ -159,6 +159,8 @@ TIMING_COLUMNS = ["artifact", "measure", "setting", "median", "IQR", "min-max"]
 
 
 def _headline(r: dict) -> str:
+    if r.get("engine") == "vllm" and r.get("note"):
+        return f"vLLM: {r['note']}"
     if r.get("engine") == "vllm":
         parts = [f"vLLM: time to first token {r['ttft_ms']:.1f} ms"]
         parts += [f"decode b{d['batch_size']} {d['tokens_per_s']:.1f} tok/s" for d in r["decode"]]
@@ -179,7 +181,7 @@ def _headline(r: dict) -> str:
 def _summary_row(r: dict) -> dict:
     from slm_cli.evaluate.speed import FP8_NOTE, INT_NOTE
 
-    na = r["note"] if r.get("note") in (FP8_NOTE, INT_NOTE) else "-"
+    na = r["note"] if r.get("note") in (FP8_NOTE, INT_NOTE) or (r.get("note") and r.get("engine") == "vllm") else "-"
     scoring = r.get("scoring") or {}
     return {
         "artifact": r["name"],
@@ -204,6 +206,8 @@ def _spread(s: dict) -> tuple[str, str, str]:
 def _timing_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
+        if r.get("engine") == "vllm" and r.get("note"):
+            continue
         if r.get("engine") == "vllm":  # medians only: vllm_speed.py keeps no spread per decode size
             vrows = [("time to first token ms", f"1 prompt of {b_len} tokens", r["ttft_ms"])
                      for b_len in [r["decode"][0]["prompt_len"]] if r["decode"]]
@@ -337,7 +341,7 @@ def _measure_with_vllm(spec: dict, b, python: str) -> dict:
         "weights_bytes": speed.weights_bytes(path),
         "dtype": speed.read_config(path).get("dtype") or speed.read_config(path).get("torch_dtype"),
         "device": "vllm",
-        "latency_ms": result["ttft_ms"],
+        "latency_ms": result.get("ttft_ms"),
         "decode_tokens_per_s": decode[0]["tokens_per_s"] if decode else None,
     }
 
