@@ -13,8 +13,8 @@ on its first --eval-tokens tokens (window 512, stride 256, as `slm prune` scores
 4-gram fraction of greedy continuations (slm_cli/evaluate/repetition.py: --prompts prompts of 64 test
 tokens, --new-tokens new tokens each).
 
-Table 1, the comparison at the default budget (`slm prune`'s calibration.samples=64 x seq_len=256):
-osscar with its default correction (residual: each layer refit toward the dense model's residual
+Table 1, the comparison at 64 x 256 tokens (`slm prune`'s calibration budget until 2026-12-01, when table 2
+moved it to 128 x 256): osscar with its default correction (residual: each layer refit toward the dense model's residual
 stream), osscar with correction=none (the refit target before 2026-11-30: each layer's own weights
 on the pruned model's inputs), and the baselines (wanda_sp, activation, magnitude), all on the same
 rows; prune wall time and its ratio to osscar/none, measured in the same process.

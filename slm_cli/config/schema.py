@@ -701,7 +701,7 @@ class PruneCalibrationConfig:
     """Calibration text for `slm prune`: the first samples*seq_len tokens of a source's calibration text."""
 
     source: str = "auto"  # auto: the task data in the source artifact's slm.json (else the kjv corpus, with a warning) | a task, corpus, .txt/.jsonl/... file or folder: a task's validation split, a corpus' calibration split, all of a file
-    samples: PositiveInt = 64  # N: sequences
+    samples: PositiveInt = 128  # N: sequences (BENCHMARKS.md "OSSCAR at its best": SmolLM2 at keep_ffn 0.5 held-out ppl 17.5 / 15.7 / 14.7 / 14.1 at 32 / 64 / 128 / 256)
     seq_len: PositiveInt = 256  # L: tokens per sequence (the first N*L tokens of the split, cut into N rows)
     batch_size: PositiveInt = 8  # sequences per forward pass
 
