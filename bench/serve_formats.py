@@ -9,7 +9,7 @@ documentation (runs/pydocs/calib.txt, bench/pydocs.py: 32 rows x 512 tokens) and
 held-out test.txt (sliding-window perplexity, window 512, stride 256, first --eval-tokens tokens),
 in float32 (this host runs bf16 matmuls at 0.15x fp32). The dense reference is the same model
 through the same scorer (each slm.json's perplexity_source). Bytes are the safetensors files on
-disk against the bf16 source's.
+disk against the same model in bf16 (every tensor at 2 bytes: the built-in SmolLM2 folder is float32).
 
 With --vllm, `slm bench bench.engine=vllm` times the bf16 source and each format through vLLM's
 offline engine (its CPU build here): time to first token, decode tokens/s at batch 1 and 16 with
@@ -67,7 +67,7 @@ def main() -> int:
             "format": name, "folder": str(folder),
             "ppl_source": m["perplexity_source"], "ppl": m["perplexity_quantized"],
             "ppl_increase_pct": m["perplexity_increase_pct"],
-            "total_ratio": m["total_bytes"] / m["source_bytes"], "quantized_ratio": m["quantized_ratio"],
+            "total_ratio": m["total_ratio"], "quantized_ratio": m["quantized_ratio"],  # against bf16, whatever the source dtype
             "total_mb": m["total_bytes"] / 2**20, "kept_bf16": len(m.get("kept_bf16", [])),
             "gptq_error": m.get("gptq_mean_error"), "rtn_error": m.get("rtn_mean_error"),
             "group_size": m.get("group_size"), "seconds": m.get("seconds"),
