@@ -35,6 +35,7 @@ FORMATS = {  # name (its folder: / -> -) -> `slm quantize` overrides
     "w8a8_int8/smooth0/all": ["quant=w8a8_int8", "quant.smoothing_strength=0", "quant.keep_sensitive=none"],
     "w4a16": ["quant=w4a16"],  # the defaults: GPTQ, group_size=auto (64 here)
     "w4a16/rtn": ["quant=w4a16", "quant.rounding=rtn"],
+    "w4a16/act_order": ["quant=w4a16", "quant.gptq_act_order=true"],
 }
 
 

@@ -430,6 +430,7 @@ class QuantConfig:
     group_size: Annotated[Union[int, str], Range(ge=1)] = "auto"  # w4a16: inputs sharing one scale: auto (largest of 128/64/32 dividing every input width) | N
     rounding: str = "gptq"  # w4a16: how weights are rounded: gptq (calibrated, slm_cli/quant/gptq.py) | rtn (round to nearest)
     gptq_damp: Annotated[float, Range(gt=0, le=1)] = 0.01  # GPTQ's damping, a fraction of mean(diag H)
+    gptq_act_order: bool = False  # GPTQ: round the inputs with the most energy (largest diag H) first; groups stay contiguous, scales from the original weights
     smoothing_strength: Annotated[float, Range(ge=0, le=1)] = 0.0  # w8a8_int8: SmoothQuant alpha, activation outliers moved into the weights (0 = off)
 
     def problems(self, where: str) -> list[str]:

@@ -178,7 +178,7 @@ def run(cfg: QuantizeStageConfig, resolved: dict) -> dict:
         with ui.progress("GPTQ, layer by layer", unit="layers") as bar:
             gptq_rows = gptq_model(
                 model, list(rows.split(cfg.calibration.batch_size)), qscheme.weights, ignore,
-                damp=cfg.quant.gptq_damp, scale_dtype=SCALE_DTYPE, progress=bar.callback,
+                damp=cfg.quant.gptq_damp, act_order=cfg.quant.gptq_act_order, scale_dtype=SCALE_DTYPE, progress=bar.callback,
             )
         weight_scales = {r["name"]: r.pop("scale") for r in gptq_rows}
         for r in gptq_rows:

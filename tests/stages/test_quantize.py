@@ -111,6 +111,7 @@ def test_scheme_round_trip(slm, tmp_path, source, scheme):
     ("w8a8_int8", ["quant.smoothing_strength=0.5"]),
     ("w4a16", []),  # GPTQ, group size auto (128 here)
     ("w4a16", ["quant.rounding=rtn", "quant.group_size=64"]),
+    ("w4a16", ["quant.gptq_act_order=true"]),
 ])
 def test_integer_schemes_end_to_end(slm, tmp_path, source, scheme, extra):
     out = tmp_path / "int"
