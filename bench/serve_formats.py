@@ -33,9 +33,9 @@ FORMATS = {  # name (its folder: / -> -) -> `slm quantize` overrides
     "w8a8_int8": ["quant=w8a8_int8"],  # the defaults: SmoothQuant 0.5, keep_sensitive=auto (+1.5% budget)
     "w8a8_int8/smooth0": ["quant=w8a8_int8", "quant.smoothing_strength=0"],
     "w8a8_int8/smooth0/all": ["quant=w8a8_int8", "quant.smoothing_strength=0", "quant.keep_sensitive=none"],
-    "w4a16": ["quant=w4a16"],  # the defaults: GPTQ, group_size=auto (64 here)
+    "w4a16": ["quant=w4a16"],  # the defaults: GPTQ with act_order, group_size=auto (64 here)
+    "w4a16/no_act_order": ["quant=w4a16", "quant.gptq_act_order=false"],
     "w4a16/rtn": ["quant=w4a16", "quant.rounding=rtn"],
-    "w4a16/act_order": ["quant=w4a16", "quant.gptq_act_order=true"],
 }
 
 
