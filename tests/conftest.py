@@ -23,6 +23,18 @@ def _slm_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op torch thread avoids OpenMP oversubscription on a shared CPU
+    (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def slm(tmp_path, monkeypatch):
     """Run `slm <args>` in-process from `tmp_path`, as a user would type it; returns the exit code."""
     from tests.stages.helpers import run_slm

@@ -27,12 +27,7 @@ PRUNE = ["prune.keep_ffn=0.5", "calibration.samples=4", "calibration.seq_len=32"
 FALLBACK = "records no task data (no data.source in its slm.json or its parents'), so calibration.source falls back to the general corpus 'kjv'"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

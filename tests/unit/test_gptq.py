@@ -14,12 +14,7 @@ from slm_cli.quant.gptq import gptq_model, gptq_quantize, layer_error, rtn_quant
 ARGS = preset_name_to_scheme("W4A16", ["Linear"]).weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def planted(out=64, d=256, n=2048, seed=0):
