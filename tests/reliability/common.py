@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,10 +58,15 @@ def cli(args, cwd, env=None, timeout=300, preexec_fn=None) -> subprocess.Complet
 
 @contextmanager
 def running(args, cwd, env=None) -> Iterator[subprocess.Popen]:
-    """`slm <args>` started in a fresh process, for a test to signal; killed on the way out if still alive."""
+    """`slm <args>` started in a fresh process, for a test to signal; killed on the way out if still alive.
+
+    The child gets SIGINT's default disposition back: a test suite started as a background job of a
+    non-interactive shell (`make test &`, nohup) inherits SIGINT *ignored*, and a Python started
+    with it ignored never turns Ctrl-C into KeyboardInterrupt (a CI run here hung 600 s that way).
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "slm_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env or cli_env(), cwd=cwd,
+        env=env or cli_env(), cwd=cwd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         yield proc
