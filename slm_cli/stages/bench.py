@@ -209,8 +209,7 @@ def _timing_rows(results: list[dict]) -> list[dict]:
         if r.get("engine") == "vllm" and r.get("note"):
             continue
         if r.get("engine") == "vllm":  # medians only: vllm_speed.py keeps no spread per decode size
-            vrows = [("time to first token ms", f"1 prompt of {b_len} tokens", r["ttft_ms"])
-                     for b_len in [r["decode"][0]["prompt_len"]] if r["decode"]]
+            vrows = [("time to first token ms", f"1 prompt of {r['decode'][0]['prompt_len']} tokens", r["ttft_ms"])] if r["decode"] else []
             vrows += [("decode tok/s", f"batch {d['batch_size']}, {d['new_tokens']} new after {d['prompt_len']}", d["tokens_per_s"])
                       for d in r["decode"]]
             if r.get("scoring"):
@@ -334,12 +333,13 @@ def _measure_with_vllm(spec: dict, b, python: str) -> dict:
             raise SlmError(f"vLLM could not measure {path} (exit code {code}):\n{tail}")
         result = json.loads(result_file.read_text())
     decode = result["decode"]
+    config = speed.read_config(path)
     return {
         **result,
         "path": str(path),
         "params": speed.safetensors_params(path),
         "weights_bytes": speed.weights_bytes(path),
-        "dtype": speed.read_config(path).get("dtype") or speed.read_config(path).get("torch_dtype"),
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
         "device": "vllm",
         "latency_ms": result.get("ttft_ms"),
         "decode_tokens_per_s": decode[0]["tokens_per_s"] if decode else None,
