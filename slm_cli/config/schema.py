@@ -575,11 +575,14 @@ class BenchSettings:
     scoring: BenchScoring = field(default_factory=BenchScoring)
     engine: str = "hf"  # hf: transformers in this process's environment | vllm: vLLM's offline engine (its own environment, see vllm_python)
     vllm_python: Optional[str] = None  # python of an environment with vLLM; null = $SLM_VLLM_PYTHON, else /tmp/slm-vllm/bin/python (what `make serve-check` creates)
+    vllm_dtype: str = "auto"  # activations vLLM serves in: auto = bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), float32 elsewhere | bfloat16 | float16 | float32
 
     def problems(self, where: str) -> list[str]:
         out: list[str] = []
         out += self.scoring.problems(f"{where}.scoring")
         _problems_if(self.engine not in ("hf", "vllm"), f"{where}.engine={self.engine!r}: choose hf or vllm", out)
+        _problems_if(self.vllm_dtype not in ("auto", "bfloat16", "float16", "float32"),
+                     f"{where}.vllm_dtype={self.vllm_dtype!r}: choose auto, bfloat16, float16 or float32", out)
         return out
 
 

@@ -40,6 +40,23 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
+CACHES = ("dynamic", "static", "compiled")
+
+
+def _cache_kwargs(cache: str) -> dict:
+    if cache == "dynamic":
+        return {}
+    if cache == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    if cache == "compiled":
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(mode="default", dynamic=False)
+        compile_config._compile_all_devices = True  # transformers' own switch for compiling off accelerators
+        return {"cache_implementation": "static", "compile_config": compile_config}
+    raise ValueError(f"cache must be one of {CACHES}, not {cache!r}")
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -52,6 +69,7 @@ def sample_completions(
     top_p: float = 1.0,
     top_k: int = 0,
     synced: bool = False,
+    cache: str = "dynamic",
 ) -> list[list[int]]:
     """One completion per prompt from `model` (batched, KV cache), cut after its first EOS.
 
@@ -62,6 +80,11 @@ def sample_completions(
     `temperature` is the sampling temperature (`gen_temperature`); 0 means greedy. A completion
     that ends without EOS is kept as written (it hit `max_new_tokens`); one that is empty gets
     the EOS token, so every row has at least one token to learn from.
+
+    `cache` (`gen_cache`): ``dynamic`` grows the KV cache each step (transformers' default);
+    ``static`` preallocates it for prompt + `max_new_tokens`; ``compiled`` is static plus
+    torch.compile of the decoding forward, on every device (transformers compiles only on
+    accelerators by default). bench/sampling.py measures the three side by side.
     """
     was_training = model.training
     model.eval()
@@ -69,7 +92,7 @@ def sample_completions(
     kwargs = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-        use_cache=True, synced_gpus=synced, **kwargs,
+        use_cache=True, synced_gpus=synced, **kwargs, **_cache_kwargs(cache),
     )
     if was_training:
         model.train()

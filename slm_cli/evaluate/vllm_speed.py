@@ -54,15 +54,32 @@ def unsupported(path: str) -> str | None:
 
     if torch.cuda.is_available():
         return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            avx512 = "avx512f" in f.read()
-    except OSError:
-        return None
-    if avx512:
+    flags = _cpu_flags()
+    if not flags or "avx512f" in flags:
         return None
     return ("n/a: vLLM's CPU build has no 4-bit (W4A16) kernel for CPUs without AVX-512 (cpu_gemm_wna16 is only "
             "in its AVX-512 library); serve it on an AVX-512 CPU or a GPU")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def serving_dtype(requested: str) -> str:
+    """The activation dtype vLLM serves in: ``requested``, or for ``auto`` bfloat16 on a GPU or a CPU
+    with native bf16 arithmetic (AVX512-BF16 or AMX), float32 elsewhere: an AVX2-only CPU emulates
+    bf16, and vLLM's CPU build then runs a 135M model several times slower than in float32."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available() or _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return "bfloat16"
+    return "float32"
 
 
 def measure(spec: dict) -> dict:
@@ -79,8 +96,12 @@ def measure(spec: dict) -> dict:
     if scoring:
         longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]))
     t0 = time.perf_counter()
-    llm = LLM(model=spec["path"], dtype=spec.get("dtype", "bfloat16"), enable_prefix_caching=True, seed=spec.get("seed", 0),
+    # max_num_batched_tokens also sizes vLLM's start-up profiling run (one forward of that many tokens,
+    # 4096 by default: minutes on a small CPU); 1024 covers a batch of 16 x 64-token prompts in one step
+    dtype = serving_dtype(spec.get("dtype", "auto"))
+    llm = LLM(model=spec["path"], dtype=dtype, enable_prefix_caching=True, seed=spec.get("seed", 0),
               max_model_len=max(256, longest), max_num_seqs=max([16, *spec["decode_batch_sizes"]]),
+              max_num_batched_tokens=max(spec.get("max_num_batched_tokens", 1024), longest),
               trust_remote_code=bool(spec.get("trust_remote_code")))
     load_s = time.perf_counter() - t0
     vocab = llm.get_tokenizer().vocab_size
@@ -107,6 +128,7 @@ def measure(spec: dict) -> dict:
     result = {
         "engine": "vllm",
         "vllm_version": __import__("vllm").__version__,
+        "served_dtype": dtype,
         "load_s": load_s,
         "ttft_ms": 1000.0 * ttft["median"],
         "decode": decode,

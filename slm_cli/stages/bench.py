@@ -313,6 +313,7 @@ def _measure_with_vllm(spec: dict, b, python: str) -> dict:
         "path": path, "seed": spec["seed"], "warmup": b.warmup, "repeats": b.repeats,
         "decode_batch_sizes": list(b.decode_batch_sizes), "decode_prompt_len": b.decode_prompt_len,
         "decode_new_tokens": b.decode_new_tokens, "trust_remote_code": spec["trust_remote_code"],
+        "dtype": b.vllm_dtype,
     }
     if b.scoring.enabled:
         from transformers import AutoTokenizer
@@ -339,7 +340,7 @@ def _measure_with_vllm(spec: dict, b, python: str) -> dict:
         "path": str(path),
         "params": speed.safetensors_params(path),
         "weights_bytes": speed.weights_bytes(path),
-        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "dtype": result.get("served_dtype") or config.get("dtype") or config.get("torch_dtype"),
         "device": "vllm",
         "latency_ms": result.get("ttft_ms"),
         "decode_tokens_per_s": decode[0]["tokens_per_s"] if decode else None,

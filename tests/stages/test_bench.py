@@ -12,6 +12,7 @@ from slm_cli import artifacts
 from slm_cli.data.tasks import TASKS
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.speed import FP8_NOTE
+from slm_cli.evaluate.vllm_speed import serving_dtype
 from slm_cli.stages.bench import folders_to_override
 from tests.stages.helpers import meta
 
@@ -113,6 +114,15 @@ def test_vllm_engine_without_vllm_is_a_clear_error_and_writes_nothing(slm, tmp_p
     assert not out.exists()
 
 
+def test_vllm_dtype_is_checked_before_anything_runs(slm, tmp_path, lineage, capsys):
+    teacher, _ = lineage
+    out = tmp_path / "b"
+    assert slm("bench", str(teacher), "bench.engine=vllm", "bench.vllm_dtype=int8", f"output_dir={out}") == 2
+    assert "bench.vllm_dtype='int8': choose auto, bfloat16, float16 or float32" in capsys.readouterr().err
+    assert not out.exists()
+    assert serving_dtype("float16") == "float16"  # an explicit choice is passed through
+
+
 def _vllm_python() -> str | None:
     from slm_cli.errors import SlmError
     from slm_cli.stages.bench import find_vllm_python
@@ -142,6 +152,7 @@ def test_vllm_engine_measures_through_vllm(slm, tmp_path):
                "bench.write_to_artifact=true", f"output_dir={out}") == 0
     (r,) = bench_json(out)["artifacts"]
     assert r["engine"] == "vllm" and r["ttft_ms"] > 0 and r["latency_ms"] == r["ttft_ms"]
+    assert r["dtype"] == serving_dtype("auto")  # float32 on a CPU without native bf16, where vLLM emulates bf16 slowly
     assert [d["batch_size"] for d in r["decode"]] == [1, 4] and all(d["tokens_per_s"] > 0 for d in r["decode"])
     assert r["scoring"]["items"] == 4 and r["scoring"]["items_per_s"] > 0
     assert meta(folder)["metrics"]["bench"]["engine"] == "vllm"

@@ -74,7 +74,8 @@ def test_gradient_accumulation_gives_the_same_step(slm, tmp_path, pair):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-def test_on_policy_samples_come_from_the_student(pair):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_on_policy_samples_come_from_the_student(pair, cache):
     teacher, student = pair
     tok = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student).eval()
@@ -87,8 +88,9 @@ def test_on_policy_samples_come_from_the_student(pair):
     for p, r in zip(prompts, rows):
         first_target = next(i for i, lab in enumerate(r.labels) if lab != -100)
         assert p == r.input_ids[:first_target]
-    completions = sample_completions(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=6, temperature=0)
-    for p, c in zip(prompts, completions):  # greedy: exactly what the student generates alone
+    completions = sample_completions(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=6,
+                                     temperature=0, cache=cache)
+    for p, c in zip(prompts, completions):  # greedy, left-padded in a batch, any KV cache: what the student writes alone
         alone = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                                eos_token_id=tok.eos_token_id)[0, len(p):].tolist()
         if tok.eos_token_id in alone:
