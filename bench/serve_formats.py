@@ -11,9 +11,10 @@ in float32 (this host runs bf16 matmuls at 0.15x fp32). The dense reference is t
 through the same scorer (each slm.json's perplexity_source). Bytes are the safetensors files on
 disk against the same model in bf16 (every tensor at 2 bytes: the built-in SmolLM2 folder is float32).
 
-With --vllm, `slm bench bench.engine=vllm` times the bf16 source and each format through vLLM's
+With --vllm, `slm bench bench.engine=vllm` times the dense source and each format through vLLM's
 offline engine (its CPU build here): time to first token, decode tokens/s at batch 1 and 16 with
-64 new tokens, and prefix-cached scoring items/s. Artifacts already in --out are reused.
+64 new tokens, and prefix-cached scoring items/s, once per --vllm-dtypes activation dtype (e.g.
+`--vllm-dtypes float32 bfloat16`). Artifacts already in --out are reused.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> int:
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--vllm", action="store_true", help="also time the source and each format through vLLM")
+    p.add_argument("--vllm-dtypes", nargs="+", default=["auto"], help="bench.vllm_dtype values, one timed run each "
+                   "(auto: bf16 on a GPU or a CPU with native bf16, else float32)")
+    p.add_argument("--vllm-repeats", type=int, default=3)
     args = p.parse_args()
     pydocs, out = ROOT / args.pydocs, ROOT / args.out
     if not (pydocs / "calib.txt").is_file():
@@ -78,7 +82,7 @@ def main() -> int:
 
     console = Console()
     table = Table(title=f"serving formats, SmolLM2-135M-Instruct, held-out pydocs ({args.eval_tokens} tokens)")
-    for col in ("format", "perplexity", "vs bf16 source", "bytes vs bf16", "quantized layers vs bf16", "kept bf16",
+    for col in ("format", "perplexity", "vs dense source", "bytes vs bf16", "quantized layers vs bf16", "kept bf16",
                 "layer error (GPTQ / RTN)"):
         table.add_column(col)
     for r in rows:
@@ -88,27 +92,31 @@ def main() -> int:
                       str(r["kept_bf16"]), err)
     console.print(table)
 
-    bench = None
-    if args.vllm:
+    benches = {}
+    for dtype in args.vllm_dtypes if args.vllm else []:
+        # one `slm bench` per activation dtype vLLM serves in; the source is the dense reference of each
         folders = [args.model] + [r["folder"] for r in rows]
-        bench_out = out / "vllm_bench"
-        slm("bench", *folders, "bench.engine=vllm", "bench.decode_batch_sizes=[1,16]", "bench.decode_new_tokens=64",
-            "bench.repeats=3", f"output_dir={bench_out}", "overwrite=true")
-        bench = json.loads((bench_out / "bench.json").read_text())
-        names = ["bf16 source"] + [r["format"] for r in rows]
-        t = Table(title="through vLLM (offline engine), same run")
-        for col in ("artifact", "time to first token ms", "decode tok/s b1", "decode tok/s b16", "b16 vs bf16",
-                    "scoring items/s"):
+        bench_out = out / f"vllm_bench-{dtype}"
+        slm("bench", *folders, "bench.engine=vllm", f"bench.vllm_dtype={dtype}", "bench.decode_batch_sizes=[1,16]",
+            "bench.decode_new_tokens=64", f"bench.repeats={args.vllm_repeats}", f"output_dir={bench_out}", "overwrite=true")
+        bench = benches[dtype] = json.loads((bench_out / "bench.json").read_text())
+        names = ["dense source"] + [r["format"] for r in rows]
+        t = Table(title=f"through vLLM (offline engine), bench.vllm_dtype={dtype}, same run")
+        for col in ("artifact", "served as", "time to first token ms", "decode tok/s b1", "decode tok/s b16",
+                    "b16 vs dense", "scoring items/s"):
             t.add_column(col)
         base16 = None
         for name, r in zip(names, bench["artifacts"]):
+            if not r.get("decode"):
+                t.add_row(name, "-", r.get("note") or "not measured", "", "", "", "")
+                continue
             d = {x["batch_size"]: x["tokens_per_s"] for x in r["decode"]}
             base16 = base16 or d.get(16)
-            t.add_row(name, f"{r['ttft_ms']:.1f}", f"{d.get(1, 0):.1f}", f"{d.get(16, 0):.1f}",
+            t.add_row(name, str(r.get("dtype")), f"{r['ttft_ms']:.1f}", f"{d.get(1, 0):.1f}", f"{d.get(16, 0):.1f}",
                       f"{d.get(16, 0) / base16:.2f}x", f"{(r.get('scoring') or {}).get('items_per_s', 0):.1f}")
         console.print(t)
     (out / "serve_formats.json").write_text(json.dumps(
-        {"date": datetime.date.today().isoformat(), "args": vars(args), "rows": rows, "vllm": bench}, indent=2, default=str))
+        {"date": datetime.date.today().isoformat(), "args": vars(args), "rows": rows, "vllm": benches}, indent=2, default=str))
     console.print(f"results: {out / 'serve_formats.json'}")
     return 0
 

@@ -128,7 +128,8 @@ def run_trl(args, teacher: str, student: Path, data: Path, work: Path) -> dict:
     return {"step_s": times, "step_tokens": tokens}
 
 
-def run_slm(args, teacher: str, student: Path, data: Path, work: Path, precompute: bool = False) -> dict:
+def run_slm(args, teacher: str, student: Path, data: Path, work: Path, precompute: bool = False,
+            gen_cache: str | None = None) -> dict:
     mode = ["distill=on_policy", f"distill.gen_max_new_tokens={args.new_tokens}"] if args.mode == "on_policy" else ["distill=supervised"]
     command = [
         sys.executable, "-m", "slm_cli", "distill", f"model.name_or_path={student}", f"teacher.name_or_path={teacher}",
@@ -137,7 +138,7 @@ def run_slm(args, teacher: str, student: Path, data: Path, work: Path, precomput
         f"train.max_steps={args.steps}", f"train.micro_batch_size={args.batch}", "train.lr=1e-5", "train.warmup_steps=0",
         "train.lr_schedule=constant", "train.eval_every=0", "train.precision=fp32", "train.gradient_checkpointing=false",
         f"hydra.run.dir={work}", f"output_dir={work}/artifact",
-    ] + (["teacher.logits=precompute"] if precompute else [])  # fmt: skip
+    ] + (["teacher.logits=precompute"] if precompute else []) + ([f"distill.gen_cache={gen_cache}"] if gen_cache else [])  # fmt: skip
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     total_s = time.perf_counter() - started
@@ -166,8 +167,9 @@ def main() -> None:
     ap.add_argument("--student-layers", type=int, default=4)
     ap.add_argument("--modes", nargs="+", default=["supervised", "on_policy"])
     ap.add_argument("--out", default=str(REPO / "runs" / "vs_trl"))
+    ap.add_argument("--compiled", action="store_true", help="also run slm on-policy with distill.gen_cache=compiled")
     ap.add_argument("--precompute", action="store_true", help="also run slm supervised with teacher.logits=precompute (top-64 teacher log-probs cached once)")
-    ap.add_argument("--worker", choices=["trl", "slm", "slm-precompute"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["trl", "slm", "slm-precompute", "slm-compiled"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,7 +182,8 @@ def main() -> None:
         if args.worker == "trl":
             result = run_trl(args, teacher, student, data, Path(args.work))
         else:
-            result = run_slm(args, teacher, student, data, Path(args.work), precompute=args.worker == "slm-precompute")
+            result = run_slm(args, teacher, student, data, Path(args.work), precompute=args.worker == "slm-precompute",
+                             gen_cache="compiled" if args.worker == "slm-compiled" else None)
         print("RESULT " + json.dumps(result))
         return
 
@@ -195,7 +198,8 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[tuple[str, str], dict] = {}
     for mode in args.modes:
-        workers = ("trl", "slm") + (("slm-precompute",) if args.precompute and mode == "supervised" else ())
+        workers = ("trl", "slm") + (("slm-precompute",) if args.precompute and mode == "supervised" else ()) \
+            + (("slm-compiled",) if args.compiled and mode == "on_policy" else ())
         for worker in workers:
             work = out / f"{stamp}-{mode}-{worker}"
             command = [sys.executable, __file__, "--worker", worker, "--mode", mode, "--work", str(work), "--out", str(out),
@@ -213,7 +217,8 @@ def main() -> None:
     table = Table(title="distillation step, slm vs TRL GKDTrainer (SmolLM2-135M teacher)")
     for c in ("mode", "trainer", "median s/step", "tokens/step", "tokens/s", "slm speed-up (tokens/s)"):
         table.add_column(c, justify="left" if c in ("mode", "trainer") else "right")
-    names = {"trl": "TRL GKDTrainer", "slm": "slm distill", "slm-precompute": "slm, teacher.logits=precompute (steps only)"}
+    names = {"trl": "TRL GKDTrainer", "slm": "slm distill", "slm-precompute": "slm, teacher.logits=precompute (steps only)",
+             "slm-compiled": "slm, distill.gen_cache=compiled"}
     for mode in args.modes:
         trl = results[(mode, "trl")]
         for worker, name in names.items():

@@ -157,6 +157,7 @@ def make_prepare(
         completions = sample_completions(
             writer, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=settings.gen_max_new_tokens,
             temperature=settings.gen_temperature, top_p=settings.gen_top_p, top_k=settings.gen_top_k, synced=synced,
+            cache=settings.gen_cache,
         )
         out = completion_batch(prompts, completions, pad_id, batch["input_ids"].device)
         out["on_policy"] = on_policy
