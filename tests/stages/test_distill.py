@@ -74,7 +74,7 @@ def test_gradient_accumulation_gives_the_same_step(slm, tmp_path, pair):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_on_policy_samples_come_from_the_student(pair, cache):
     teacher, student = pair
     tok = AutoTokenizer.from_pretrained(student)

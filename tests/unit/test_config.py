@@ -166,3 +166,14 @@ def test_nan_in_a_field_that_takes_no_numbers_is_a_type_error():
         "resume=nan has the wrong type: expected bool or str",
         "train.gradient_checkpointing=inf has the wrong type: expected bool",
     ]
+
+
+def test_gen_cache_choices_match_the_sampler():
+    from slm_cli.config.schema import GEN_CACHES
+    from slm_cli.distill.sampler import CACHES
+
+    assert GEN_CACHES == CACHES
+    values = {"model": {"name_or_path": "x"}, "teacher": {"name_or_path": "t"}, "distill": {"gen_cache": "paged"}}
+    with pytest.raises(ConfigError) as info:
+        validate(values, DistillStageConfig)
+    assert "distill.gen_cache='paged': choose one of dynamic, static, compiled" in str(info.value)
