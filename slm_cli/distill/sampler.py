@@ -30,8 +30,8 @@ def split_prompts(batch: dict) -> list[list[int]]:
     return prompts
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
+def _left_pad(prompts: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    width = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -88,7 +88,9 @@ def sample_completions(
     """
     was_training = model.training
     model.eval()
-    ids, mask = _left_pad(prompts, pad_id, next(model.parameters()).device)
+    # a static cache is sized prompt width + max_new_tokens: widths rounded up to a multiple of 64 give a
+    # compiled decoder a few shapes to compile for, instead of one per batch (each recompile costs seconds)
+    ids, mask = _left_pad(prompts, pad_id, next(model.parameters()).device, multiple=1 if cache == "dynamic" else 64)
     kwargs = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
