@@ -96,9 +96,9 @@ def measure(spec: dict) -> dict:
     if scoring:
         longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]))
     t0 = time.perf_counter()
+    dtype = serving_dtype(spec.get("dtype", "auto"))
     # max_num_batched_tokens also sizes vLLM's start-up profiling run (one forward of that many tokens,
     # 4096 by default: minutes on a small CPU); 1024 covers a batch of 16 x 64-token prompts in one step
-    dtype = serving_dtype(spec.get("dtype", "auto"))
     llm = LLM(model=spec["path"], dtype=dtype, enable_prefix_caching=True, seed=spec.get("seed", 0),
               max_model_len=max(256, longest), max_num_seqs=max([16, *spec["decode_batch_sizes"]]),
               max_num_batched_tokens=max(spec.get("max_num_batched_tokens", 1024), longest),
