@@ -94,7 +94,8 @@ def measure(spec: dict) -> dict:
     scoring = spec.get("scoring")
     longest = prompt_len + new_tokens
     if scoring:
-        longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]))
+        # a scored item is a prompt of prefix + item + target that also asks for one new token
+        longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]) + 1)
     t0 = time.perf_counter()
     dtype = serving_dtype(spec.get("dtype", "auto"))
     # max_num_batched_tokens also sizes vLLM's start-up profiling run (one forward of that many tokens,
