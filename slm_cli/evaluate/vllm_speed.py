@@ -82,6 +82,16 @@ def serving_dtype(requested: str) -> str:
     return "float32"
 
 
+def longest_sequence(spec: dict) -> int:
+    """Tokens of the longest sequence the workload asks vLLM for (its max_model_len must hold it)."""
+    longest = spec["decode_prompt_len"] + spec["decode_new_tokens"]
+    scoring = spec.get("scoring")
+    if scoring:
+        # a scored item is a prompt of prefix + item + target that also asks for one new token
+        longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]) + 1)
+    return longest
+
+
 def measure(spec: dict) -> dict:
     reason = unsupported(spec["path"])
     if reason:
@@ -92,10 +102,7 @@ def measure(spec: dict) -> dict:
     rng = random.Random(spec.get("seed", 0))
     prompt_len, new_tokens = spec["decode_prompt_len"], spec["decode_new_tokens"]
     scoring = spec.get("scoring")
-    longest = prompt_len + new_tokens
-    if scoring:
-        # a scored item is a prompt of prefix + item + target that also asks for one new token
-        longest = max(longest, len(scoring["prefix"]) + max(map(len, scoring["items"])) + len(scoring["target"]) + 1)
+    longest = longest_sequence(spec)
     t0 = time.perf_counter()
     dtype = serving_dtype(spec.get("dtype", "auto"))
     # max_num_batched_tokens also sizes vLLM's start-up profiling run (one forward of that many tokens,

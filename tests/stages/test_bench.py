@@ -12,7 +12,7 @@ from slm_cli import artifacts
 from slm_cli.data.tasks import TASKS
 from slm_cli.data.tokenizer import train_bpe_tokenizer
 from slm_cli.evaluate.speed import FP8_NOTE
-from slm_cli.evaluate.vllm_speed import serving_dtype
+from slm_cli.evaluate.vllm_speed import longest_sequence, serving_dtype
 from slm_cli.stages.bench import folders_to_override
 from tests.stages.helpers import meta
 
@@ -121,6 +121,13 @@ def test_vllm_dtype_is_checked_before_anything_runs(slm, tmp_path, lineage, caps
     assert "bench.vllm_dtype='int8': choose auto, bfloat16, float16 or float32" in capsys.readouterr().err
     assert not out.exists()
     assert serving_dtype("float16") == "float16"  # an explicit choice is passed through
+
+
+def test_vllm_model_length_holds_the_scored_prompt_and_its_one_new_token():
+    spec = {"decode_prompt_len": 64, "decode_new_tokens": 64,
+            "scoring": {"prefix": [5] * 800, "items": [[6] * 12, [6] * 15], "target": [7] * 4}}
+    assert longest_sequence(spec) == 800 + 15 + 4 + 1  # vLLM refused 819 tokens at max_model_len 819
+    assert longest_sequence({"decode_prompt_len": 64, "decode_new_tokens": 32}) == 96
 
 
 def _vllm_python() -> str | None:
