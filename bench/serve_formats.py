@@ -56,6 +56,8 @@ def main() -> int:
     p.add_argument("--vllm-dtypes", nargs="+", default=["auto"], help="bench.vllm_dtype values, one timed run each "
                    "(auto: bf16 on a GPU or a CPU with native bf16, else float32)")
     p.add_argument("--vllm-repeats", type=int, default=3)
+    p.add_argument("--no-vllm-scoring", action="store_true", help="skip prompt scoring through vLLM (32 items of ~820 "
+                   "tokens each; ~13 minutes per artifact on a 2-core CPU)")
     args = p.parse_args()
     pydocs, out = ROOT / args.pydocs, ROOT / args.out
     if not (pydocs / "calib.txt").is_file():
@@ -98,7 +100,8 @@ def main() -> int:
         folders = [args.model] + [r["folder"] for r in rows]
         bench_out = out / f"vllm_bench-{dtype}"
         slm("bench", *folders, "bench.engine=vllm", f"bench.vllm_dtype={dtype}", "bench.decode_batch_sizes=[1,16]",
-            "bench.decode_new_tokens=64", f"bench.repeats={args.vllm_repeats}", f"output_dir={bench_out}", "overwrite=true")
+            "bench.decode_new_tokens=64", f"bench.repeats={args.vllm_repeats}", f"output_dir={bench_out}", "overwrite=true",
+            *(["bench.scoring.enabled=false"] if args.no_vllm_scoring else []))
         bench = benches[dtype] = json.loads((bench_out / "bench.json").read_text())
         names = ["dense source"] + [r["format"] for r in rows]
         t = Table(title=f"through vLLM (offline engine), bench.vllm_dtype={dtype}, same run")
