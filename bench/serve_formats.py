@@ -56,8 +56,8 @@ def main() -> int:
     p.add_argument("--vllm-dtypes", nargs="+", default=["auto"], help="bench.vllm_dtype values, one timed run each "
                    "(auto: bf16 on a GPU or a CPU with native bf16, else float32)")
     p.add_argument("--vllm-repeats", type=int, default=3)
-    p.add_argument("--no-vllm-scoring", action="store_true", help="skip prompt scoring through vLLM (32 items of ~820 "
-                   "tokens each; ~13 minutes per artifact on a 2-core CPU)")
+    p.add_argument("--no-vllm-scoring", action="store_true", help="skip prompt scoring through vLLM (32 prompts of "
+                   "~820 tokens per repeat: it did not finish in 9 minutes for one artifact on this 2-core CPU)")
     args = p.parse_args()
     pydocs, out = ROOT / args.pydocs, ROOT / args.out
     if not (pydocs / "calib.txt").is_file():
