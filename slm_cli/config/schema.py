@@ -350,7 +350,7 @@ class DistillSettings:
     gen_max_new_tokens: PositiveInt = 32  # longest sampled completion
     gen_top_p: Annotated[float, Range(gt=0, le=1, note="1 = off")] = 1.0  # nucleus sampling threshold (1 = off)
     gen_top_k: Annotated[int, Range(ge=0, note="0 = off")] = 0  # top-k sampling (0 = off)
-    gen_cache: str = "dynamic"  # KV cache while sampling: dynamic | static | compiled (static + torch.compile: 1.22x faster sampling on the SmolLM2 pair after a ~50 s first call, bench/sampling.py)
+    gen_cache: str = "dynamic"  # KV cache while sampling: dynamic | static | compiled (static + torch.compile: sampling alone 1.14x on the SmolLM2 pair, a whole on-policy step no faster; bench/sampling.py)
     fused_loss: bool = True  # chunked fused-linear loss: the tokens x vocab logits never exist at once
     chunk_size: PositiveInt = 256  # tokens per chunk of the fused loss (peak extra memory ~4 x chunk x vocab floats)
     compile: bool = False  # torch.compile the fused loss's per-chunk math
