@@ -27,7 +27,7 @@ COLUMNS = ["model", "scheme", "quantized layers", "quantized / bf16", "total / b
            "ppl change", "max rel. weight err", "seconds"]
 
 
-def run_scheme(model.name_or_path: str, scheme: str, args, work: Path) -> dict:
+def run_scheme(model_path: str, scheme: str, args, work: Path) -> dict:
     out = work / f"{Path(model_path).name}-{scheme}"
     cmd = [
         sys.executable, "-m", "slm_cli", "quantize", f"model.name_or_path={model_path}", f"quant={scheme}",

@@ -1,0 +1,13 @@
+"""Every bench/ script at least compiles: the benchmarks are not run by the suite, and a bulk rename once
+left bench/quantize.py with a syntax error (`def run_scheme(model.name_or_path: str, ...)`) that nothing caught."""
+
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+def test_bench_script_compiles(script):
+    compile(script.read_text(), str(script), "exec")
