@@ -183,7 +183,7 @@ def part_a(args, console) -> dict:
     r0 = base or {}
     t = Table(title=f"(a) one distillation step: {TEACHER} ({r0.get('teacher_params', 0) / 1e6:.0f}M) -> student "
                     f"({r0.get('student_params', 0) / 1e6:.1f}M), micro-batch {args.batch} x {args.seq} tokens, "
-                    (f"{args.steps - 1} timed step(s) after a warm-up" if args.steps > 1 else "one step, its warm-up included"))
+                    + (f"{args.steps - 1} timed step(s) after a warm-up" if args.steps > 1 else "one step, its warm-up included"))
     for col in ("configuration", "tokens/s", "x baseline", "peak GB", "peak vs baseline", "above load GB", "vs baseline",
                 "first loss"):
         t.add_column(col, justify="left" if col == "configuration" else "right")
