@@ -55,18 +55,19 @@ def unsupported(path: str) -> str | None:
     if torch.cuda.is_available():
         return None
     flags = _cpu_flags()
-    if not flags or "avx512f" in flags:
+    if flags is None or "avx512f" in flags:  # unreadable /proc/cpuinfo: let vLLM decide
         return None
     return ("n/a: vLLM's CPU build has no 4-bit (W4A16) kernel for CPUs without AVX-512 (cpu_gemm_wna16 is only "
             "in its AVX-512 library); serve it on an AVX-512 CPU or a GPU")
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_flags() -> set[str] | None:
+    """The x86 feature flags of /proc/cpuinfo (empty where it lists none, e.g. ARM); None if unreadable."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
     except OSError:
-        return set()
+        return None
 
 
 def serving_dtype(requested: str) -> str:
@@ -77,7 +78,7 @@ def serving_dtype(requested: str) -> str:
         return requested
     import torch
 
-    if torch.cuda.is_available() or _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if torch.cuda.is_available() or (_cpu_flags() or set()) & {"avx512_bf16", "amx_bf16"}:
         return "bfloat16"
     return "float32"
 
